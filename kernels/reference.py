@@ -1,0 +1,200 @@
+"""Pure-PyTorch reference of the score-evict-merge operator: the CPU kernel and the oracle for Triton.
+
+Shapes: ``query [B, Hq, Lq, D]`` (the current step's queries, the last ``Lq`` slots), ``keys/values
+[B, Hkv, S, D]``, ``labels [B, Hkv, S]`` int8, ``positions [B, Hkv, S]`` int64, ``scores [B, Hkv, S]``
+float32. Slots are kept in position order; a slot labelled INVALID is padding or unused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmkv_compile.labels import Modality
+from mmkv_compile.policy import Policy, ceil_fraction, output_length
+
+INVALID = int(Modality.INVALID)
+QUERY_CHUNK = 256  # queries scored at once by the all-queries score, to bound memory
+
+
+def visible_keys(labels: torch.Tensor, positions: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, Hkv, Lq, S]``: key slot valid, not after the query, and the query slot itself valid."""
+    query_pos = positions[..., query_slots]  # [B, Hkv, Lq]
+    query_valid = labels[..., query_slots] != INVALID
+    key_valid = labels != INVALID
+    causal = positions.unsqueeze(-2) <= query_pos.unsqueeze(-1)
+    return causal & key_valid.unsqueeze(-2) & query_valid.unsqueeze(-1)
+
+
+def attention_probs(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax attention ``[B, Hkv, G, Lq, S]`` in float32; rows with no visible key are all zero."""
+    batch, num_kv, seq, dim = keys.shape
+    group = query.shape[1] // num_kv
+    q = query.float().reshape(batch, num_kv, group, query.shape[2], dim)
+    logits = torch.matmul(q, keys.float().unsqueeze(2).transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(~visible.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
+
+
+def attention_column_sums(
+    policy: Policy,
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    labels: torch.Tensor,
+    positions: torch.Tensor,
+    num_queries: int,
+    scaling: float,
+) -> torch.Tensor:
+    """Attention each key slot receives from the last ``num_queries`` queries, summed: ``[B, Hkv, S]``."""
+    seq = keys.shape[2]
+    num_new = query.shape[2]
+    total = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
+    first = num_new - num_queries
+    for start in range(first, num_new, QUERY_CHUNK):
+        stop = min(start + QUERY_CHUNK, num_new)
+        slots = torch.arange(seq - num_new + start, seq - num_new + stop, device=keys.device)
+        probs = attention_probs(query[:, :, start:stop], keys, visible_keys(labels, positions, slots), scaling)
+        per_head = probs.sum(dim=3)  # [B, Hkv, G, S]
+        total += per_head.amax(dim=2) if policy.group_reduce == "max" else per_head.mean(dim=2)
+    return total
+
+
+def pool_scores(policy: Policy, scores: torch.Tensor) -> torch.Tensor:
+    """1-D pooling over neighbouring slots (SnapKV keeps clusters, not isolated tokens)."""
+    if policy.pool == "none" or policy.kernel_size <= 1:
+        return scores
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    pad = policy.kernel_size // 2
+    if policy.pool == "max":
+        pooled = F.max_pool1d(flat, policy.kernel_size, stride=1, padding=pad)
+    else:
+        pooled = F.avg_pool1d(flat, policy.kernel_size, stride=1, padding=pad)
+    return pooled[..., : scores.shape[-1]].reshape(scores.shape)
+
+
+def score_stage(
+    policy: Policy, query, keys, labels, positions, scores, scaling: float, prefill: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (selection score, new running score state), both ``[B, Hkv, S]`` float32."""
+    num_new = query.shape[2]
+    if policy.score == "none":
+        fresh = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
+    elif policy.score == "position":
+        fresh = positions.float()
+    elif policy.score == "window":
+        fresh = attention_column_sums(policy, query, keys, labels, positions, min(policy.window, num_new), scaling)
+    elif policy.score == "all_queries":
+        fresh = attention_column_sums(policy, query, keys, labels, positions, num_new, scaling)
+    else:
+        raise ValueError(f"unknown score stage {policy.score!r}")
+    if policy.accumulate and not prefill:
+        state = scores.float() + fresh
+    else:
+        state = fresh
+    selection = pool_scores(policy, state) if prefill else state
+    return selection, state
+
+
+def forced_stage(policy: Policy, labels: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+    """Bool ``[B, Hkv, S]``: slots always kept (sinks, recent window, whole modalities).
+
+    ``counts`` (the budget per row and head) sizes a recent window given as a fraction of the budget.
+    """
+    valid = labels != INVALID
+    forced = torch.zeros_like(valid)
+    if policy.sinks:
+        forced |= valid & (valid.cumsum(-1) <= policy.sinks)
+    recent = torch.full(labels.shape[:2], policy.recent, dtype=torch.int64, device=labels.device)
+    if policy.recent_fraction and counts is not None:
+        recent = torch.maximum(recent, (counts.double() * policy.recent_fraction).floor().long())
+    if policy.recent or policy.recent_fraction:
+        from_end = valid.flip(-1).cumsum(-1).flip(-1)
+        forced |= valid & (from_end <= recent.unsqueeze(-1))
+    for label in policy.keep_labels:
+        forced |= labels == label
+    return forced
+
+
+def budget_stage(
+    policy: Policy, labels: torch.Tensor, num_forced: torch.Tensor | None, num_new: int, prefill: bool
+) -> torch.Tensor:
+    """Slots each (row, KV head) keeps: int64 ``[B, Hkv]``.
+
+    ``num_forced`` is needed only when forced slots come on top of the budget (``forced_in_budget=False``).
+    """
+    valid = labels != INVALID
+    num_valid = valid.sum(-1)
+    if policy.keeps_everything:
+        return num_valid
+    if prefill or isinstance(policy.budget, int):
+        if policy.forced_in_budget:
+            pool = num_valid
+        else:
+            pool = num_valid - num_forced
+        if isinstance(policy.budget, int):
+            base = torch.clamp(pool, max=policy.budget)
+        else:
+            base = ceil_fraction(pool, policy.budget_fraction())
+        counts = base if policy.forced_in_budget else base + num_forced
+    else:
+        # A float budget while decoding holds each row at the valid slots it had before this step.
+        counts = valid[..., : labels.shape[-1] - num_new].sum(-1)
+    return torch.minimum(counts, num_valid)
+
+
+def select_stage(
+    selection: torch.Tensor, labels: torch.Tensor, forced: torch.Tensor, counts: torch.Tensor, out_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank slots by (forced, valid, score), keep the top ``counts``; return slot indices
+    ``[B, Hkv, out_len]`` in position order and a bool mask of which of them are kept."""
+    valid = labels != INVALID
+    tier = valid.to(torch.int8) + (forced & valid).to(torch.int8)
+    order = torch.argsort(selection, dim=-1, descending=True, stable=True)
+    order = order.gather(-1, torch.argsort(tier.gather(-1, order), dim=-1, descending=True, stable=True))
+    top = order[..., :out_len]
+    ranks = torch.arange(out_len, device=labels.device)
+    kept_by_rank = ranks < counts.unsqueeze(-1)
+    slots, perm = torch.sort(top, dim=-1)
+    return slots, kept_by_rank.gather(-1, perm)
+
+
+def gather_stage(tensors, slots: torch.Tensor, kept: torch.Tensor):
+    """Gather the kept slots of keys, values, labels, positions and scores; unused slots are INVALID."""
+    keys, values, labels, positions, scores = tensors
+    index_kv = slots.unsqueeze(-1).expand(*slots.shape, keys.shape[-1])
+    kept_kv = kept.unsqueeze(-1)
+    new_keys = torch.where(kept_kv, keys.gather(2, index_kv), 0)
+    new_values = torch.where(kept_kv, values.gather(2, index_kv), 0)
+    new_labels = torch.where(kept, labels.gather(2, slots), INVALID).to(labels.dtype)
+    new_positions = torch.where(kept, positions.gather(2, slots), -1)
+    new_scores = torch.where(kept, scores.gather(2, slots), 0.0)
+    return new_keys, new_values, new_labels, new_positions, new_scores
+
+
+def score_evict_merge(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    labels: torch.Tensor,
+    positions: torch.Tensor,
+    scores: torch.Tensor,
+    scaling: float,
+    policy: str,
+    prefill: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference kernel: score, budget, forced keep, select, gather. Outputs never alias inputs."""
+    pol = Policy.from_string(policy)
+    num_new = query.shape[2]
+    selection, state = score_stage(pol, query, keys, labels, positions, scores, scaling, prefill)
+    if pol.forced_in_budget:
+        counts = budget_stage(pol, labels, None, num_new, prefill)
+        forced = forced_stage(pol, labels, counts)
+    else:
+        forced = forced_stage(pol, labels, None)
+        counts = budget_stage(pol, labels, forced.sum(-1), num_new, prefill)
+    out_len = output_length(pol, keys.shape[2], num_new, prefill)
+    if out_len is None:
+        out_len = int(counts.max()) if counts.numel() else 0
+    slots, kept = select_stage(selection, labels, forced, counts, out_len)
+    return gather_stage((keys, values, labels, positions, state), slots, kept)

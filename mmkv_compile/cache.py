@@ -1,0 +1,169 @@
+"""``MMKVCache``: a transformers ``Cache`` whose layers carry what compression needs.
+
+Each layer holds, per cached slot and KV head: keys, values, a modality label, the token's logical
+position, and a running score. Eviction makes the physical length (what is stored, what masks are
+sized by) shorter than the logical length (what positions continue from), as in transformers'
+``DynamicSlidingWindowLayer``.
+
+Appends go through ``torch.ops.mmkv.cache_append``, so each layer's full state appears as one node in a
+captured graph; the backend rewires that node's consumers. Uncompiled, the cache behaves like a
+``DynamicCache`` that also records labels and positions.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from mmkv_compile import ops  # noqa: F401  (registers torch.ops.mmkv)
+from mmkv_compile.labels import LABEL_DTYPE, Modality, labels_from_inputs, modality_token_ids
+
+POSITION_DTYPE = torch.int64
+SCORE_DTYPE = torch.float32
+
+
+class MMKVLayer(CacheLayerMixin):
+    """One layer's compressed cache: keys/values ``[B, Hkv, S, D]`` plus per-slot labels, positions, scores."""
+
+    is_sliding = False
+    is_croppable = False
+    # generate() would wrap an already compiled forward in a second torch.compile if this were True.
+    is_compileable = False
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.labels: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.scores: torch.Tensor | None = None
+        self.logical_length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, _ = key_states.shape
+        device = key_states.device
+        self.keys = key_states.new_empty((batch, heads, 0, key_states.shape[-1]))
+        self.values = value_states.new_empty((batch, heads, 0, value_states.shape[-1]))
+        self.labels = torch.empty((batch, heads, 0), dtype=LABEL_DTYPE, device=device)
+        self.positions = torch.empty((batch, heads, 0), dtype=POSITION_DTYPE, device=device)
+        self.scores = torch.empty((batch, heads, 0), dtype=SCORE_DTYPE, device=device)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, labels: torch.Tensor | None = None, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a step's keys/values with their labels ``[B, L]`` (text when None); return the full state."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, heads, num_new, _ = key_states.shape
+        if labels is None or labels.shape[-1] != num_new:
+            labels = torch.zeros((batch, num_new), dtype=LABEL_DTYPE, device=key_states.device)
+        new_labels = labels.to(device=key_states.device, dtype=LABEL_DTYPE).unsqueeze(1).expand(batch, heads, num_new)
+        new_positions = torch.arange(num_new, device=key_states.device, dtype=POSITION_DTYPE) + self.logical_length
+        new_positions = new_positions.expand(batch, heads, num_new)
+        self.keys, self.values, self.labels, self.positions, self.scores = torch.ops.mmkv.cache_append(
+            self.keys, self.values, self.labels, self.positions, self.scores,
+            key_states, value_states, new_labels.contiguous(), new_positions.contiguous(),
+        )  # fmt: skip
+        self.logical_length = self.logical_length + num_new
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        """Logical length: the tokens seen so far. Positions of new tokens continue from here."""
+        return self.logical_length
+
+    def get_physical_length(self) -> int:
+        """Slots actually stored."""
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Masks are sized by the stored slots (the backend rebuilds masks over compressed slots)."""
+        return self.get_physical_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.labels = self.positions = self.scores = None
+        self.logical_length = 0
+        self.is_initialized = False
+
+    def _select_batch(self, fn) -> None:
+        if self.is_initialized:
+            self.keys, self.values, self.labels, self.positions, self.scores = (
+                fn(t) for t in (self.keys, self.values, self.labels, self.positions, self.scores)
+            )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batch(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a compressed cache cannot be cropped back: evicted tokens are gone")
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held: keys+values, and the per-slot metadata (labels, positions, scores)."""
+        if not self.is_initialized:
+            return {"kv": 0, "metadata": 0}
+        kv = self.keys.nbytes + self.values.nbytes
+        meta = self.labels.nbytes + self.positions.nbytes + self.scores.nbytes
+        return {"kv": kv, "metadata": meta}
+
+
+class MMKVCache(Cache):
+    """A cache for ``mmkv_compile``: one :class:`MMKVLayer` per decoder layer, plus the labels of the
+    tokens the next forward call appends (set by :meth:`observe`).
+
+    ``mmkv_compile.compile`` creates and feeds it. To drive a ``torch.compile(model, backend="mmkv")``
+    model by hand, pass ``past_key_values=MMKVCache(model.config)`` and call :meth:`observe` with each
+    call's inputs before it.
+    """
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(layer_class_to_replicate=MMKVLayer)
+        self.token_ids = modality_token_ids(config) if config is not None else {}
+        self.incoming_labels: torch.Tensor | None = None
+
+    def observe(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Derive and hold the labels ``[B, L]`` of the tokens the next forward call appends."""
+        num_new = batch = None
+        if inputs_embeds is not None:
+            batch, num_new = inputs_embeds.shape[:2]
+        self.incoming_labels = labels_from_inputs(
+            self.token_ids, input_ids, attention_mask, mm_token_type_ids, num_new=num_new, batch_size=batch
+        )
+        return self.incoming_labels
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(MMKVLayer())
+        return self.layers[layer_idx].update(key_states, value_states, labels=self.incoming_labels)
+
+    def get_physical_length(self, layer_idx: int = 0) -> int:
+        """Slots stored in a layer (the logical length is :meth:`get_seq_length`)."""
+        return self.layers[layer_idx].get_physical_length() if layer_idx < len(self.layers) else 0
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held by all layers: ``{"kv": ..., "metadata": ...}``."""
+        total = {"kv": 0, "metadata": 0}
+        for layer in self.layers:
+            for key, value in layer.nbytes().items():
+                total[key] += value
+        return total
+
+    def label_counts(self, layer_idx: int = 0) -> dict[str, int]:
+        """Number of cached slots per modality in one layer's KV head 0, summed over rows."""
+        labels = self.layers[layer_idx].labels[:, 0]
+        return {m.name.lower(): int((labels == int(m)).sum()) for m in Modality if m != Modality.INVALID}
+
+
+__all__ = ["MMKVCache", "MMKVLayer", "Modality"]

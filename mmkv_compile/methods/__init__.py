@@ -1,0 +1,28 @@
+"""Method presets. Each is a small dataclass whose fields are its parameters (see :func:`methods`)."""
+
+from __future__ import annotations
+
+from mmkv_compile.methods.base import Method
+from mmkv_compile.methods.full import Full
+from mmkv_compile.methods.h2o import H2O
+from mmkv_compile.methods.snapkv import SnapKV
+from mmkv_compile.methods.streaming_llm import StreamingLLM
+from mmkv_compile.methods.text_prior import TextPrior
+
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Full, StreamingLLM, SnapKV, H2O, TextPrior)}
+
+
+def build_method(name: str, **params) -> Method:
+    """Instantiate method ``name`` with ``params``; unknown names or parameters raise ValueError."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"method={name!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
+    cls = METHODS[name]
+    allowed = cls.parameters()
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        names = ", ".join(allowed) or "none"
+        raise ValueError(f"{name}: unknown parameter(s) {', '.join(unknown)}; its parameters are: {names}")
+    return cls(**params)
+
+
+__all__ = ["METHODS", "Method", "build_method"]

@@ -1,0 +1,31 @@
+"""Text prior: keep every text token, spend the budget on image and video tokens by window attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmkv_compile.labels import Modality
+from mmkv_compile.methods.base import Method, check_choice, check_int
+from mmkv_compile.policy import POOLS, Policy
+
+
+@dataclass(frozen=True)
+class TextPrior(Method):
+    name = "text_prior"
+    paper = "the text prior of LOOK-M (Wan et al., EMNLP Findings 2024, arXiv 2406.18139), without merging"
+    description = "all text kept on top of the budget; the budget is the share of image/video tokens kept, by score"
+
+    window: int = 32
+    kernel_size: int = 5
+    pool: str = "avg"
+
+    def validate(self, budget: float | int) -> None:
+        check_int(self.name, "window", self.window, 1)
+        check_int(self.name, "kernel_size", self.kernel_size, 1)
+        check_choice(self.name, "pool", self.pool, POOLS)
+
+    def policy(self, budget: float | int) -> Policy:
+        return Policy(
+            method=self.name, budget=budget, score="window", window=self.window, pool=self.pool,
+            kernel_size=self.kernel_size, keep_labels=(int(Modality.TEXT),), forced_in_budget=False,
+        )  # fmt: skip

@@ -1,0 +1,106 @@
+"""The ``torch.ops.mmkv`` operators.
+
+``mmkv::cache_append``       appends a step's slots to a layer's cached state; the passes anchor on it.
+``mmkv::score_evict_merge``  scores the cached slots, evicts the least useful and returns the kept state.
+
+Both are opaque custom ops: Dynamo and Inductor never trace into them. The CPU kernel is the PyTorch
+reference; CUDA uses the Triton kernels. ``MMKV_KERNEL=reference|triton`` forces one for debugging.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from mmkv_compile.kernels import reference
+from mmkv_compile.policy import Policy, output_length
+
+Tensors5 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+KERNEL_CHOICES = ("auto", "reference", "triton")
+
+
+def kernel_choice(device: torch.device) -> str:
+    """Which implementation runs on ``device``: ``MMKV_KERNEL`` if set, else Triton on CUDA, reference elsewhere."""
+    choice = os.environ.get("MMKV_KERNEL", "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"MMKV_KERNEL={choice!r}: allowed values are {', '.join(KERNEL_CHOICES)}")
+    if choice == "auto":
+        return "triton" if device.type == "cuda" else "reference"
+    return choice
+
+
+@torch.library.custom_op("mmkv::cache_append", mutates_args=())
+def cache_append(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    labels: torch.Tensor,
+    positions: torch.Tensor,
+    scores: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    new_labels: torch.Tensor,
+    new_positions: torch.Tensor,
+) -> Tensors5:
+    """Concatenate a step's slots after the cached ones (dim 2 of every state tensor)."""
+    new_scores = torch.zeros(new_labels.shape, dtype=scores.dtype, device=scores.device)
+    return (
+        torch.cat([keys, new_keys], dim=2),
+        torch.cat([values, new_values], dim=2),
+        torch.cat([labels, new_labels], dim=2),
+        torch.cat([positions, new_positions], dim=2),
+        torch.cat([scores, new_scores], dim=2),
+    )
+
+
+@cache_append.register_fake
+def _cache_append_fake(keys, values, labels, positions, scores, new_keys, new_values, new_labels, new_positions):
+    total = keys.shape[2] + new_keys.shape[2]
+    return (
+        keys.new_empty((*keys.shape[:2], total, keys.shape[3])),
+        values.new_empty((*values.shape[:2], total, values.shape[3])),
+        labels.new_empty((*labels.shape[:2], total)),
+        positions.new_empty((*positions.shape[:2], total)),
+        scores.new_empty((*scores.shape[:2], total)),
+    )
+
+
+@torch.library.custom_op("mmkv::score_evict_merge", mutates_args=())
+def score_evict_merge(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    labels: torch.Tensor,
+    positions: torch.Tensor,
+    scores: torch.Tensor,
+    scaling: float,
+    policy: str,
+    prefill: bool,
+) -> Tensors5:
+    """Score every cached slot, keep the policy's budget, return (keys, values, labels, positions, scores).
+
+    ``query`` holds the step's queries (the last ``query.shape[2]`` slots); ``policy`` is a
+    :class:`~mmkv_compile.policy.Policy` string; ``prefill`` says the cache held nothing before this step.
+    """
+    if kernel_choice(keys.device) == "triton":
+        from mmkv_compile.kernels import triton_kernels
+
+        return triton_kernels.score_evict_merge(
+            query, keys, values, labels, positions, scores, scaling, policy, prefill
+        )
+    return reference.score_evict_merge(query, keys, values, labels, positions, scores, scaling, policy, prefill)
+
+
+@score_evict_merge.register_fake
+def _score_evict_merge_fake(query, keys, values, labels, positions, scores, scaling, policy, prefill):
+    pol = Policy.from_string(policy)
+    kept = output_length(pol, keys.shape[2], query.shape[2], prefill)
+    if kept is None:
+        kept = torch.library.get_ctx().new_dynamic_size(min=0, max=keys.shape[2])
+    return (
+        keys.new_empty((*keys.shape[:2], kept, keys.shape[3])),
+        values.new_empty((*values.shape[:2], kept, values.shape[3])),
+        labels.new_empty((*labels.shape[:2], kept)),
+        positions.new_empty((*positions.shape[:2], kept)),
+        scores.new_empty((*scores.shape[:2], kept)),
+    )

@@ -1,0 +1,216 @@
+"""Find attention sites and the KV-cache update each one reads.
+
+Anchors: SDPA nodes, and softmax nodes between two matmuls (eager attention). From an anchor the pass
+walks view-like ops (repeat_kv's expand/reshape, transposes, casts) back to where K and V come from:
+``mmkv.cache_append`` (an MMKVCache layer), ``torch.cat`` (a plain DynamicCache), an in-place
+``index_copy_`` or a cache placeholder (StaticCache), or nothing (a vision encoder). This is tolerant of
+GQA style, scale as mul or div, casts and masks, where exact patterns are not.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from mmkv_compile import ops  # noqa: F401  (registers torch.ops.mmkv)
+from mmkv_compile.passes.graph_utils import (
+    MATMUL_TARGETS,
+    SDPA_TARGETS,
+    SOFTMAX_TARGETS,
+    example_value,
+    is_call,
+    is_method,
+    layer_index,
+    module_path,
+    strip_casts,
+    strip_views,
+)
+from mmkv_compile.passes.manager import GraphPass, RewriteContext
+
+CACHE_APPEND = (torch.ops.mmkv.cache_append, torch.ops.mmkv.cache_append.default)
+NO_CACHE_REASON = "attention reads no KV cache (a vision or audio encoder, or use_cache=False)"
+DYNAMIC_CACHE_REASON = (
+    "K/V come from a plain DynamicCache (torch.cat): it reports its physical length as the position of new "
+    "tokens, so evicting from it would shift positions; use mmkv_compile.compile(model, ...) or pass "
+    "past_key_values=mmkv_compile.MMKVCache(model.config)"
+)
+STATIC_CACHE_REASON = "K/V come from a StaticCache buffer, which mmkv does not compress yet"
+
+
+@dataclass
+class AttentionSite:
+    """One attention call in a graph, what it reads, and what the passes did to it."""
+
+    anchor: fx.Node
+    kind: str  # "sdpa" or "eager"
+    layer: int | None
+    module: str
+    query: fx.Node
+    key: fx.Node
+    value: fx.Node
+    cache: str  # "mmkv", "dynamic_cache", "static_cache" or "none"
+    state: fx.Node | None = None  # the mmkv.cache_append node
+    scaling: float | None = None
+    gqa_groups: int = 1
+    mask_add: tuple[fx.Node, int] | None = None  # eager: the add that applies the mask, and the mask's arg index
+    logits_use: tuple[fx.Node, int] | None = None  # eager: where the scaled logits are consumed
+    evicts: bool = False
+    mask_rebuilt: bool = False
+    reason: str = ""
+
+    @property
+    def rewritten(self) -> bool:
+        return self.evicts or self.mask_rebuilt
+
+
+def classify_source(node: object) -> tuple[str, fx.Node | None, int | None]:
+    """(cache kind, cache_append node, output index) of the tensor ``node`` views."""
+    src = strip_views(node)
+    if not isinstance(src, fx.Node):
+        return "none", None, None
+    if src.op == "call_function" and src.target is operator.getitem and isinstance(src.args[1], int):
+        parent = src.args[0]
+        if isinstance(parent, fx.Node) and parent.op == "call_function" and parent.target in CACHE_APPEND:
+            return "mmkv", parent, src.args[1]
+    if is_call(src, {torch.cat}):
+        return "dynamic_cache", None, None
+    if is_method(src, {"index_copy_", "index_copy", "index_put_"}) or (
+        src.op == "placeholder" and "past_key_values" in src.name
+    ):
+        return "static_cache", None, None
+    if any(is_method(user, {"index_copy_", "index_put_"}) for user in src.users):
+        return "static_cache", None, None
+    return "none", None, None
+
+
+def _constant(value) -> float | None:
+    return float(value) if isinstance(value, numbers.Number) and not isinstance(value, bool) else None
+
+
+def _logits_root(node: object) -> tuple[fx.Node | None, float | None]:
+    """Walk back from attention logits over casts and constant mul/div to the q @ k^T matmul."""
+    scale = 1.0
+    node = strip_casts(node)
+    while isinstance(node, fx.Node) and (
+        is_call(node, {operator.mul, torch.mul}) or is_call(node, {operator.truediv, torch.div})
+    ):
+        lhs, rhs = node.args[0], node.args[1]
+        factor = _constant(rhs) if isinstance(lhs, fx.Node) else _constant(lhs)
+        if factor is None:
+            return None, None
+        divide = is_call(node, {operator.truediv, torch.div})
+        scale = scale / factor if divide else scale * factor
+        node = strip_casts(lhs if isinstance(lhs, fx.Node) else rhs)
+    if is_call(node, MATMUL_TARGETS):
+        return node, scale
+    return None, None
+
+
+def _eager_site(softmax: fx.Node) -> dict | None:
+    """Match ``matmul(q, k^T) [*|/ scale] [+ mask] -> softmax -> [cast|dropout] -> matmul(p, v)``."""
+    pv = None
+    frontier = list(softmax.users)
+    while frontier:
+        user = frontier.pop()
+        if is_call(user, MATMUL_TARGETS) and user.args[0] is not None and strip_casts(user.args[0]) is softmax:
+            pv = user
+            break
+        if is_method(user, {"to", "float", "type_as", "type"}) or is_call(
+            user, {torch.nn.functional.dropout, torch.dropout}
+        ):
+            frontier.extend(user.users)
+    if pv is None:
+        return None
+    logits_in = softmax.args[0]
+    chain = strip_casts(logits_in)
+    mask_add = None
+    if is_call(chain, {operator.add, torch.add}):
+        for idx in (0, 1):
+            qk, scale = _logits_root(chain.args[idx])
+            if qk is not None:
+                mask_add = (chain, 1 - idx)
+                break
+        else:
+            return None
+    else:
+        qk, scale = _logits_root(chain)
+        if qk is None:
+            return None
+    logits_use = (softmax, 0) if chain is logits_in else None
+    if logits_use is None:  # a cast sits between logits and softmax: the mask goes before the cast
+        for user in chain.users:
+            if user is logits_in or logits_in in user.users:
+                logits_use = (user, list(user.args).index(chain))
+                break
+    return {
+        "query": qk.args[0],
+        "key": qk.args[1],
+        "value": pv.args[1],
+        "scaling": scale,
+        "mask_add": mask_add,
+        "logits_use": logits_use,
+    }
+
+
+def _sdpa_scaling(node: fx.Node) -> float | None:
+    scale = node.kwargs.get("scale")
+    if scale is None and len(node.args) > 6:
+        scale = node.args[6]
+    if scale is None:
+        query = example_value(node.args[0])
+        return 1.0 / math.sqrt(query.shape[-1]) if query is not None else None
+    return _constant(scale)
+
+
+class FindAttentionSites(GraphPass):
+    """Record every attention site of the graph in ``ctx.sites``; match count = sites found."""
+
+    name = "find_attention_sites"
+
+    def run(self, gm: fx.GraphModule, ctx: RewriteContext) -> int:
+        for node in gm.graph.nodes:
+            if is_call(node, SDPA_TARGETS):
+                fields = {
+                    "query": node.args[0],
+                    "key": node.args[1],
+                    "value": node.args[2],
+                    "scaling": _sdpa_scaling(node),
+                }
+                kind = "sdpa"
+            elif is_call(node, SOFTMAX_TARGETS):
+                fields = _eager_site(node)
+                if fields is None:
+                    continue
+                kind = "eager"
+            else:
+                continue
+            ctx.sites.append(self._describe(node, kind, fields))
+        return len(ctx.sites)
+
+    @staticmethod
+    def _describe(anchor: fx.Node, kind: str, fields: dict) -> AttentionSite:
+        key_cache, state, key_idx = classify_source(fields["key"])
+        value_cache, value_state, value_idx = classify_source(fields["value"])
+        site = AttentionSite(anchor=anchor, kind=kind, layer=layer_index(anchor), module=module_path(anchor),
+                             cache=key_cache, state=state, **fields)  # fmt: skip
+        if key_cache == "mmkv" and (value_state is not state or (key_idx, value_idx) != (0, 1)):
+            site.cache, site.state, site.reason = "unknown", None, "keys and values come from different cache updates"
+        elif key_cache != value_cache:
+            site.cache, site.reason = "unknown", f"keys come from {key_cache} but values from {value_cache}"
+        elif key_cache == "none":
+            site.reason = NO_CACHE_REASON
+        elif key_cache == "dynamic_cache":
+            site.reason = DYNAMIC_CACHE_REASON
+        elif key_cache == "static_cache":
+            site.reason = STATIC_CACHE_REASON
+        elif site.scaling is None:
+            site.reason = "the attention scale is not a constant"
+        query, keys = example_value(site.query), example_value(site.state.args[0]) if site.state is not None else None
+        if query is not None and keys is not None and keys.dim() == 4 and query.dim() == 4:
+            site.gqa_groups = int(query.shape[1]) // int(keys.shape[1])
+        return site

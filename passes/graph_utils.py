@@ -1,0 +1,109 @@
+"""Small helpers to read Dynamo (torch-IR) graphs: views, node metadata, layer indices."""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx as fx
+
+# Ops that reshape, repeat or cast a tensor without changing which token each slot is.
+VIEW_METHODS = {
+    "view", "reshape", "expand", "transpose", "permute", "contiguous", "repeat_interleave", "repeat",
+    "to", "float", "half", "bfloat16", "type_as", "unsqueeze", "squeeze", "clone", "flatten", "type",
+}  # fmt: skip
+VIEW_FUNCTIONS = {
+    torch.reshape, torch.transpose, torch.permute, torch.repeat_interleave, torch.unsqueeze, torch.squeeze,
+    torch.flatten, torch.clone, torch.Tensor.contiguous, torch.Tensor.expand,
+}  # fmt: skip
+CAST_METHODS = {"to", "float", "half", "bfloat16", "type_as", "type", "contiguous"}
+
+SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+SOFTMAX_TARGETS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
+MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul}
+DROPOUT_TARGETS = {torch.nn.functional.dropout, torch.dropout}
+
+_LAYER = re.compile(r"layers[.\[_](\d+)")
+
+
+def is_call(node: object, targets) -> bool:
+    """Whether ``node`` is a call_function to one of ``targets`` (or a call_method of that name)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function":
+        return node.target in targets
+    if node.op == "call_method":
+        return any(getattr(t, "__name__", None) == node.target for t in targets)
+    return False
+
+
+def is_method(node: object, names) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def is_view(node: fx.Node) -> bool:
+    """A view-like op whose first argument is the tensor it reshapes."""
+    if node.op == "call_method":
+        return node.target in VIEW_METHODS
+    if node.op == "call_function":
+        if node.target in VIEW_FUNCTIONS:
+            return True
+        # tensor[...] slicing or None-indexing (repeat_kv's hs[:, :, None]), not a tuple index
+        return node.target is operator.getitem and not isinstance(node.args[1], int)
+    return False
+
+
+def strip_views(node: object) -> object:
+    """Follow view-like ops back to the tensor they view."""
+    while isinstance(node, fx.Node) and is_view(node) and node.args:
+        node = node.args[0]
+    return node
+
+
+def strip_casts(node: object) -> object:
+    """Follow dtype casts and dropout back to their input."""
+    while isinstance(node, fx.Node) and node.args and (is_method(node, CAST_METHODS) or is_call(node, DROPOUT_TARGETS)):
+        node = node.args[0]
+    return node
+
+
+def example_value(node: object):
+    """The FakeTensor (or SymInt) Dynamo recorded for ``node``, if any."""
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def layer_index(node: fx.Node) -> int | None:
+    """Decoder layer index from the node's module stack (``...layers.3.self_attn`` -> 3)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for path, _ in reversed(list(stack.values())):
+        match = _LAYER.search(str(path))
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module path that produced ``node`` (for reports)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "?"
+    return str(list(stack.values())[-1][0])
+
+
+def prune_orphans(graph: fx.Graph, nodes) -> int:
+    """Erase ``nodes`` (and then their inputs) once nothing uses them. Only pure calls are erased:
+    an in-place method (``index_copy_``) or a placeholder is never touched."""
+    erased = 0
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, fx.Node) or node.graph is not graph or node.users:
+            continue
+        if node.op not in ("call_function", "call_method") or str(node.target).endswith("_"):
+            continue
+        inputs = list(node.all_input_nodes)
+        graph.erase_node(node)
+        erased += 1
+        stack.extend(inputs)
+    return erased

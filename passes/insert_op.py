@@ -1,0 +1,78 @@
+"""Insert ``torch.ops.mmkv.score_evict_merge`` after each MMKVCache update and store its output.
+
+The step's own attention still reads the full state (it needs every token once); only what the
+graph writes back to the cache (its outputs) becomes the compressed state.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from mmkv_compile import ops  # noqa: F401  (registers torch.ops.mmkv)
+from mmkv_compile.passes.graph_utils import example_value
+from mmkv_compile.passes.manager import GraphPass, RewriteContext
+
+SCORE_EVICT_MERGE = torch.ops.mmkv.score_evict_merge.default
+
+
+def is_prefill(state: fx.Node) -> bool:
+    """True when the cache held nothing before this update (its past length is statically 0)."""
+    past = example_value(state.args[0])
+    return past is not None and isinstance(past.shape[2], int) and past.shape[2] == 0
+
+
+def state_outputs(state: fx.Node) -> dict[int, fx.Node]:
+    """The ``getitem(state, i)`` nodes, by output index."""
+    return {
+        user.args[1]: user
+        for user in state.users
+        if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int)
+    }
+
+
+class InsertScoreEvictMerge(GraphPass):
+    """One operator per cache update the policy compresses at this step; match count = operators inserted."""
+
+    name = "insert_score_evict_merge"
+
+    def run(self, gm: fx.GraphModule, ctx: RewriteContext) -> int:
+        policy = ctx.policy
+        policy_text = policy.to_string()
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        inserted: dict[fx.Node, fx.Node] = {}
+        for site in ctx.sites:
+            if site.cache != "mmkv" or site.reason:
+                continue
+            prefill = is_prefill(site.state)
+            if policy.method == "full":
+                site.reason = "method 'full' keeps every token"
+                continue
+            if not prefill and not policy.evict_while_decoding:
+                site.reason = f"{policy.method} compresses the prompt only; this step appends"
+                continue
+            if site.state in inserted:  # several attention calls read one cache update
+                site.evicts = True
+                continue
+            getters = state_outputs(site.state)
+            with gm.graph.inserting_before(site.anchor):
+                op = gm.graph.call_function(
+                    SCORE_EVICT_MERGE,
+                    (site.query, *(self._getter(gm, site.state, getters, i) for i in range(5)),
+                     float(site.scaling), policy_text, prefill),
+                )  # fmt: skip
+                kept = [gm.graph.call_function(operator.getitem, (op, i)) for i in range(5)]
+            for i, getter in getters.items():
+                output.replace_input_with(getter, kept[i])
+            inserted[site.state] = op
+            site.evicts = True
+        return len(inserted)
+
+    @staticmethod
+    def _getter(gm: fx.GraphModule, state: fx.Node, getters: dict[int, fx.Node], index: int) -> fx.Node:
+        if index not in getters:
+            with gm.graph.inserting_after(state):
+                getters[index] = gm.graph.call_function(operator.getitem, (state, index))
+        return getters[index]
