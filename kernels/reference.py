@@ -49,15 +49,15 @@ def attention_column_sums(
     """Attention each key slot receives from the last ``num_queries`` queries, summed: ``[B, Hkv, S]``."""
     seq = keys.shape[2]
     num_new = query.shape[2]
-    total = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
-    first = num_new - num_queries
-    for start in range(first, num_new, QUERY_CHUNK):
+    group = query.shape[1] // keys.shape[1]
+    per_head = torch.zeros((*keys.shape[:2], group, seq), dtype=torch.float32, device=keys.device)
+    for start in range(num_new - num_queries, num_new, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, num_new)
         slots = torch.arange(seq - num_new + start, seq - num_new + stop, device=keys.device)
         probs = attention_probs(query[:, :, start:stop], keys, visible_keys(labels, positions, slots), scaling)
-        per_head = probs.sum(dim=3)  # [B, Hkv, G, S]
-        total += per_head.amax(dim=2) if policy.group_reduce == "max" else per_head.mean(dim=2)
-    return total
+        per_head += probs.sum(dim=3)
+    # The GQA group is reduced after summing over every query, so chunking never changes the result.
+    return per_head.amax(dim=2) if policy.group_reduce == "max" else per_head.mean(dim=2)
 
 
 def pool_scores(policy: Policy, scores: torch.Tensor) -> torch.Tensor:

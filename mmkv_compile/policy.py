@@ -96,8 +96,6 @@ def output_length(policy: Policy, total: int, num_new: int, prefill: bool):
     if not policy.static_output_length:
         return None
     if isinstance(policy.budget, int):
-        if prefill:
-            return _sym_min(total, policy.budget)
         return _sym_min(total, policy.budget)
     if prefill:
         return ceil_fraction(total, policy.budget_fraction())

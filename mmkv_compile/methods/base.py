@@ -42,6 +42,12 @@ def check_choice(method: str, name: str, value, allowed: tuple[str, ...]) -> Non
         raise ValueError(f"{method}: {name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
 
 
+def check_odd(method: str, name: str, value: int) -> None:
+    """Pooling kernels must be odd: an even one would centre its window between two slots."""
+    if value % 2 == 0:
+        raise ValueError(f"{method}: {name}={value} must be odd (1, 3, 5, 7, ...)")
+
+
 def check_fits_budget(method: str, name: str, value: int, budget: float | int) -> None:
     """Forced slots must fit in an int budget (a float budget is checked per prompt at run time)."""
     if isinstance(budget, int) and value > budget:

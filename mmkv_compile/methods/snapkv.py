@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmkv_compile.methods.base import Method, check_choice, check_fits_budget, check_int
+from mmkv_compile.methods.base import Method, check_choice, check_fits_budget, check_int, check_odd
 from mmkv_compile.policy import GROUP_REDUCTIONS, POOLS, Policy
 
 
@@ -22,6 +22,7 @@ class SnapKV(Method):
     def validate(self, budget: float | int) -> None:
         check_int(self.name, "window", self.window, 1)
         check_int(self.name, "kernel_size", self.kernel_size, 1)
+        check_odd(self.name, "kernel_size", self.kernel_size)
         check_choice(self.name, "pool", self.pool, POOLS)
         check_choice(self.name, "group_reduce", self.group_reduce, GROUP_REDUCTIONS)
         check_fits_budget(self.name, "window", self.window, budget)

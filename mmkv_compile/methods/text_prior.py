@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmkv_compile.labels import Modality
-from mmkv_compile.methods.base import Method, check_choice, check_int
+from mmkv_compile.methods.base import Method, check_choice, check_int, check_odd
 from mmkv_compile.policy import POOLS, Policy
 
 
@@ -22,6 +22,7 @@ class TextPrior(Method):
     def validate(self, budget: float | int) -> None:
         check_int(self.name, "window", self.window, 1)
         check_int(self.name, "kernel_size", self.kernel_size, 1)
+        check_odd(self.name, "kernel_size", self.kernel_size)
         check_choice(self.name, "pool", self.pool, POOLS)
 
     def policy(self, budget: float | int) -> Policy:

@@ -1,0 +1,157 @@
+"""Decoding over a compressed cache: batches with padding, positions after eviction, recompiles, and
+methods that hold the cache at the budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build, generate
+from transformers import DynamicCache
+
+import mmkv_compile
+
+
+def _left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def _llava_batch(tiny):
+    """Two LLaVA prompts with an image each and different text lengths, left-padded."""
+    ids = tiny.inputs["input_ids"][0]
+    image = ids == tiny.image_token_id
+    first_image = int(image.nonzero()[0])
+    short = torch.cat([ids[first_image - 3 : first_image + tiny.num_image_tokens], ids[-4:]])
+    rows = [ids, short]
+    pixels = torch.randn(2, *tiny.inputs["pixel_values"].shape[1:])
+    return rows, pixels
+
+
+@pytest.mark.parametrize(
+    "method,budget,options", [("snapkv", 0.5, {"window": 4}), ("h2o", 0.5, {}), ("streaming_llm", 12, {})]
+)
+@pytest.mark.parametrize("name", ["llama", "llava"])
+def test_padded_batch_equals_each_prompt_alone(name, method, budget, options):
+    tiny = build(name)
+    model = mmkv_compile.compile(build(name).model, method, budget, inductor=False, **options)
+    if name == "llava":
+        rows, pixels = _llava_batch(tiny)
+    else:
+        ids = tiny.inputs["input_ids"][0]
+        rows, pixels = [ids, ids[5:17]], None
+    ids, mask = _left_pad(rows)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if pixels is not None:
+        batch["pixel_values"] = pixels
+    tokens, _, cache = generate(model, batch, 10)
+    assert cache.get_physical_length() < cache.get_seq_length()
+    for i, row in enumerate(rows):
+        alone = {"input_ids": row[None], "attention_mask": torch.ones(1, len(row), dtype=torch.long)}
+        if pixels is not None:
+            alone["pixel_values"] = pixels[i : i + 1]
+        alone_tokens, _, alone_cache = generate(model, alone, 10)
+        assert torch.equal(tokens[i], alone_tokens[0]), f"row {i}"
+        valid = cache.layers[0].labels[i] != -1
+        assert int(valid.sum()) == int((alone_cache.layers[0].labels[0] != -1).sum())
+
+
+def _kept_dynamic_cache(prefill_cache: DynamicCache, mmkv_cache) -> DynamicCache:
+    """A DynamicCache holding exactly the K/V slots the mmkv cache kept, gathered from an uncompiled prefill."""
+    kept = DynamicCache()
+    for idx, (layer, full) in enumerate(zip(mmkv_cache.layers, prefill_cache.layers, strict=True)):
+        index = layer.positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, full.keys.shape[-1])
+        kept.update(full.keys.gather(2, index), full.values.gather(2, index), idx)
+    return kept
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2_vl"])
+def test_decode_continues_from_logical_positions(name):
+    """Independent check: the uncompiled model over a DynamicCache with the kept slots and explicit
+    logical positions gives the compiled model's first decode logits. Positions taken from the physical
+    length instead (what a plain DynamicCache would do) give different logits."""
+    tiny = build(name)
+    model = mmkv_compile.compile(build(name).model, "snapkv", 0.5, inductor=False, window=4)
+    with torch.no_grad():
+        out = model(**tiny.inputs, use_cache=True)
+        cache = out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+        # No attention mask: the model derives positions from the cache (Qwen2-VL: plus its rope_deltas).
+        step = model(input_ids=token, past_key_values=cache, use_cache=True)
+        reference = tiny.model
+        full = DynamicCache()
+        reference(**tiny.inputs, past_key_values=full, use_cache=True)
+        logical = tiny.inputs["input_ids"].shape[1]
+        physical = cache.layers[0].positions.shape[-1] - 1  # the compiled step appended one slot
+
+        def decode_at(position: int):
+            positions = torch.tensor([[position]])
+            if name == "qwen2_vl":  # M-RoPE: text positions on all three axes, shifted by rope_deltas
+                positions = positions.expand(3, 1, 1) + reference.model.rope_deltas
+            kept = _kept_dynamic_cache(full, _prefix(cache))
+            return reference(input_ids=token, past_key_values=kept, position_ids=positions, use_cache=True).logits
+
+        torch.testing.assert_close(step.logits, decode_at(logical), atol=1e-5, rtol=0)
+        assert not torch.allclose(step.logits, decode_at(physical), atol=1e-3)
+
+
+class _Prefix:
+    def __init__(self, layers):
+        self.layers = layers
+
+
+class _Slots:
+    def __init__(self, positions):
+        self.positions = positions
+
+
+def _prefix(cache):
+    """The cache's slots before the last appended one."""
+    return _Prefix([_Slots(layer.positions[..., :-1]) for layer in cache.layers])
+
+
+def _count_frames():
+    return torch._dynamo.utils.counters["frames"]["ok"]
+
+
+@pytest.mark.parametrize("method,budget", [("snapkv", 0.5), ("h2o", 12)])
+def test_no_recompiles_after_second_decode_step(method, budget):
+    tiny = build("llava")
+    model = mmkv_compile.compile(build("llava").model, method, budget, inductor=False)
+    with torch.no_grad():
+        out = model(**tiny.inputs, use_cache=True)
+        cache, mask = out.past_key_values, tiny.inputs["attention_mask"]
+
+        def step(out):
+            nonlocal mask
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=-1)
+            return model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+
+        after_prefill = _count_frames()
+        out = step(step(out))
+        before = _count_frames()
+        assert before > after_prefill  # the counter does see decode compiles
+        for _ in range(16):
+            out = step(out)
+    assert _count_frames() == before
+
+
+@pytest.mark.parametrize("method,budget", [("h2o", 12), ("streaming_llm", 12), ("h2o", 0.5)])
+def test_decode_time_methods_hold_the_cache_at_budget(method, budget):
+    tiny = build("llama")
+    model = mmkv_compile.compile(build("llama").model, method, budget, inductor=False)
+    _, _, cache = generate(model, tiny.inputs, 64)
+    held = budget if isinstance(budget, int) else -(-tiny.inputs["input_ids"].shape[1] // 2)
+    assert cache.get_seq_length() == tiny.inputs["input_ids"].shape[1] + 63
+    for layer in cache.layers:
+        assert layer.keys.shape[2] == held
+        assert int((layer.labels != -1).sum(-1).min()) == held
+    if method == "streaming_llm":  # sinks stay, the rest is the most recent window
+        positions = cache.layers[0].positions[0, 0].tolist()
+        assert positions[:4] == [0, 1, 2, 3]
+        assert positions[4:] == list(range(cache.get_seq_length() - held + 4, cache.get_seq_length()))
