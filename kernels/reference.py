@@ -172,6 +172,22 @@ def gather_stage(tensors, slots: torch.Tensor, kept: torch.Tensor):
     return new_keys, new_values, new_labels, new_positions, new_scores
 
 
+def select_slots(
+    policy: Policy, selection: torch.Tensor, labels: torch.Tensor, num_new: int, prefill: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Budget, forced keep and select: the slots that survive ``[B, Hkv, out_len]`` and which are kept."""
+    if policy.forced_in_budget:
+        counts = budget_stage(policy, labels, None, num_new, prefill)
+        forced = forced_stage(policy, labels, counts)
+    else:
+        forced = forced_stage(policy, labels, None)
+        counts = budget_stage(policy, labels, forced.sum(-1), num_new, prefill)
+    out_len = output_length(policy, labels.shape[-1], num_new, prefill)
+    if out_len is None:  # forced slots come on top of the budget: the longest row sets the length
+        out_len = int(counts.max()) if counts.numel() else 0
+    return select_stage(selection, labels, forced, counts, out_len)
+
+
 def score_evict_merge(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -183,18 +199,8 @@ def score_evict_merge(
     policy: str,
     prefill: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference kernel: score, budget, forced keep, select, gather. Outputs never alias inputs."""
+    """Reference kernel: score, then budget/keep/select, then gather. Outputs never alias inputs."""
     pol = Policy.from_string(policy)
-    num_new = query.shape[2]
     selection, state = score_stage(pol, query, keys, labels, positions, scores, scaling, prefill)
-    if pol.forced_in_budget:
-        counts = budget_stage(pol, labels, None, num_new, prefill)
-        forced = forced_stage(pol, labels, counts)
-    else:
-        forced = forced_stage(pol, labels, None)
-        counts = budget_stage(pol, labels, forced.sum(-1), num_new, prefill)
-    out_len = output_length(pol, keys.shape[2], num_new, prefill)
-    if out_len is None:
-        out_len = int(counts.max()) if counts.numel() else 0
-    slots, kept = select_stage(selection, labels, forced, counts, out_len)
+    slots, kept = select_slots(pol, selection, labels, query.shape[2], prefill)
     return gather_stage((keys, values, labels, positions, state), slots, kept)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from mmkv_compile.kernels import reference as ref
-from mmkv_compile.policy import Policy, output_length
+from mmkv_compile.policy import Policy
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite start for running maxima: exp(-inf - _NEG_BIG) is 0, never NaN
 _POS_BIG = tl.constexpr(2**62)  # larger than any position: the minimum over a block with no valid key
@@ -404,16 +404,6 @@ def score_evict_merge(
     """
     _check_device(keys)
     pol = Policy.from_string(policy)
-    num_new = query.shape[2]
     selection, state = score_stage(pol, query, keys, labels, positions, scores, scaling, prefill)
-    if pol.forced_in_budget:
-        counts = ref.budget_stage(pol, labels, None, num_new, prefill)
-        forced = ref.forced_stage(pol, labels, counts)
-    else:
-        forced = ref.forced_stage(pol, labels, None)
-        counts = ref.budget_stage(pol, labels, forced.sum(-1), num_new, prefill)
-    out_len = output_length(pol, keys.shape[2], num_new, prefill)
-    if out_len is None:
-        out_len = int(counts.max()) if counts.numel() else 0
-    slots, kept = ref.select_stage(selection, labels, forced, counts, out_len)
+    slots, kept = ref.select_slots(pol, selection, labels, query.shape[2], prefill)
     return gather_kept(keys, values, labels, positions, state, slots, kept)

@@ -25,6 +25,13 @@ def _state(batch=1, kv_heads=2, seq=10, dim=8, groups=2, num_new=None, dtype=tor
     return query, keys, values, labels, positions, scores
 
 
+def _hand_state(query: torch.Tensor, keys: torch.Tensor):
+    """Text slots at positions 0..S-1 with values equal to keys and no score history."""
+    seq = keys.shape[2]
+    labels = torch.zeros(1, keys.shape[1], seq, dtype=torch.int8)
+    return query, keys, keys.clone(), labels, torch.arange(seq).view(1, 1, seq), torch.zeros(1, keys.shape[1], seq)
+
+
 def _call(state, method, budget, prefill=True, scaling=None, **params):
     policy = build_method(method, **params).policy(budget).to_string()
     scaling = scaling if scaling is not None else state[0].shape[-1] ** -0.5
