@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache
 
 from mmkv_compile.backend import GraphReport, MMKVWarning, mmkv_backend
-from mmkv_compile.cache import MMKVCache
+from mmkv_compile.cache import MMKVCache, MMKVLayer
 from mmkv_compile.config import CompressionConfig
 from mmkv_compile.labels import Modality
 
@@ -145,6 +145,7 @@ def uncompile(model: torch.nn.Module) -> torch.nn.Module:
 # -- the uncompiled reference ----------------------------------------------------------------------
 
 REFERENCE_ATTENTION = "mmkv_reference"
+_FULL_POLICY = CompressionConfig.from_options({"method": "full"}).policy
 
 
 def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -155,8 +156,10 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     cache: MMKVCache = kwargs["mmkv_cache"]
     policy = kwargs["mmkv_policy"]
     layer = cache.layers[module.layer_idx]
+    if not isinstance(layer, MMKVLayer):  # sliding or chunked: transformers' layer and mask, untouched
+        policy = _FULL_POLICY
     num_new = query.shape[2]
-    prefill = layer.get_physical_length() == num_new
+    prefill = key.shape[-2] == num_new
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     if prefill or policy.method == "full":
         mask = attention_mask  # nothing evicted yet: transformers' mask lines up with the slots

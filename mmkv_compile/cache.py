@@ -13,6 +13,7 @@ captured graph; the backend rewires that node's consumers. Uncompiled, the cache
 from __future__ import annotations
 
 import torch
+from transformers import cache_utils
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from mmkv_compile import ops  # noqa: F401  (registers torch.ops.mmkv)
@@ -123,7 +124,11 @@ class MMKVCache(Cache):
     """
 
     def __init__(self, config=None, **kwargs):
-        super().__init__(layer_class_to_replicate=MMKVLayer)
+        layers = _layers_from_config(config) if config is not None else None
+        if layers is None:
+            super().__init__(layer_class_to_replicate=MMKVLayer)
+        else:
+            super().__init__(layers=layers)
         self.token_ids = modality_token_ids(config) if config is not None else {}
         self.incoming_labels: torch.Tensor | None = None
 
@@ -146,24 +151,60 @@ class MMKVCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(MMKVLayer())
-        return self.layers[layer_idx].update(key_states, value_states, labels=self.incoming_labels)
+        layer = self.layers[layer_idx]
+        if isinstance(layer, MMKVLayer):
+            return layer.update(key_states, value_states, labels=self.incoming_labels)
+        return layer.update(key_states, value_states, *args, **kwargs)
+
+    @property
+    def mmkv_layers(self) -> list[MMKVLayer]:
+        """The layers mmkv compresses (full attention); sliding or chunked layers stay transformers' own."""
+        return [layer for layer in self.layers if isinstance(layer, MMKVLayer)]
 
     def get_physical_length(self, layer_idx: int = 0) -> int:
         """Slots stored in a layer (the logical length is :meth:`get_seq_length`)."""
-        return self.layers[layer_idx].get_physical_length() if layer_idx < len(self.layers) else 0
+        if layer_idx >= len(self.layers):
+            return 0
+        layer = self.layers[layer_idx]
+        return layer.get_physical_length() if isinstance(layer, MMKVLayer) else layer.keys.shape[-2]
 
     def nbytes(self) -> dict[str, int]:
         """Bytes held by all layers: ``{"kv": ..., "metadata": ...}``."""
         total = {"kv": 0, "metadata": 0}
         for layer in self.layers:
-            for key, value in layer.nbytes().items():
-                total[key] += value
+            if isinstance(layer, MMKVLayer):
+                for key, value in layer.nbytes().items():
+                    total[key] += value
+            elif getattr(layer, "keys", None) is not None:
+                total["kv"] += layer.keys.nbytes + layer.values.nbytes
         return total
 
     def label_counts(self, layer_idx: int = 0) -> dict[str, int]:
-        """Number of cached slots per modality in one layer's KV head 0, summed over rows."""
-        labels = self.layers[layer_idx].labels[:, 0]
+        """Number of cached slots per modality in one compressible layer's KV head 0, summed over rows."""
+        labels = self.mmkv_layers[layer_idx].labels[:, 0]
         return {m.name.lower(): int((labels == int(m)).sum()) for m in Modality if m != Modality.INVALID}
+
+
+def _layers_from_config(config) -> list | None:
+    """One layer per decoder layer: an :class:`MMKVLayer` for full attention, transformers' own layer class
+    for every other type (sliding window, chunked, linear), which mmkv leaves alone. None when the config
+    does not say (then layers are created as they are used)."""
+    decoder = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    describe = getattr(cache_utils, "get_layer_types_and_kwargs", None)
+    if describe is not None:
+        layer_types, layer_kwargs = describe(decoder)
+    else:  # transformers before get_layer_types_and_kwargs: layer_types and the window are plain attributes
+        layer_types = getattr(decoder, "layer_types", None)
+        if layer_types is None:
+            return None
+        window = getattr(decoder, "sliding_window", None) or getattr(decoder, "attention_chunk_size", None)
+        layer_kwargs = [{} if t == "full_attention" else {"sliding_window": window} for t in layer_types]
+    if all(t == "full_attention" for t in layer_types):
+        return None
+    return [
+        MMKVLayer() if kind == "full_attention" else cache_utils.DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+        for kind, kwargs in zip(layer_types, layer_kwargs, strict=True)
+    ]
 
 
 __all__ = ["MMKVCache", "MMKVLayer", "Modality"]

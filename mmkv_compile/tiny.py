@@ -167,4 +167,22 @@ def tiny_qwen2_vl(
     return TinyModel("qwen2_vl", model, inputs, num_image, image_token)
 
 
-BUILDERS = {"llama": tiny_llama, "llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}
+def tiny_gemma3_text(
+    attn: str = "sdpa", layers: int = 4, prompt_len: int = 20, window: int = 6, seed: int = 0
+) -> TinyModel:
+    """Gemma3's decoder: sliding-window layers interleaved with full-attention layers."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    config = Gemma3TextConfig(
+        **_text_kwargs(layers, 64, 4, 2, vocab=128), head_dim=16, sliding_window=window, layer_types=types
+    )
+    model = _finish(Gemma3ForCausalLM._from_config(config, attn_implementation=attn))
+    input_ids = torch.randint(3, 128, (1, prompt_len))
+    return TinyModel(
+        "gemma3_text", model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, 0, None
+    )
+
+
+BUILDERS = {"llama": tiny_llama, "llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "gemma3_text": tiny_gemma3_text}

@@ -35,9 +35,9 @@ from mmkv_compile.passes.manager import GraphPass, RewriteContext
 CACHE_APPEND = (torch.ops.mmkv.cache_append, torch.ops.mmkv.cache_append.default)
 NO_CACHE_REASON = "attention reads no KV cache (a vision or audio encoder, or use_cache=False)"
 DYNAMIC_CACHE_REASON = (
-    "K/V come from a plain DynamicCache (torch.cat): it reports its physical length as the position of new "
-    "tokens, so evicting from it would shift positions; use mmkv_compile.compile(model, ...) or pass "
-    "past_key_values=mmkv_compile.MMKVCache(model.config)"
+    "K/V come from a transformers cache layer (torch.cat), not an MMKVLayer: a sliding-window or chunked "
+    "layer, which mmkv leaves alone, or a plain DynamicCache, whose length would shift positions after "
+    "eviction (use mmkv_compile.compile(model, ...) or pass past_key_values=mmkv_compile.MMKVCache(model.config))"
 )
 STATIC_CACHE_REASON = "K/V come from a StaticCache buffer, which mmkv does not compress yet"
 
@@ -210,7 +210,8 @@ class FindAttentionSites(GraphPass):
             site.reason = STATIC_CACHE_REASON
         elif site.scaling is None:
             site.reason = "the attention scale is not a constant"
-        query, keys = example_value(site.query), example_value(site.state.args[0]) if site.state is not None else None
+        query = example_value(site.query)
+        keys = example_value(site.state.args[0] if site.state is not None else strip_views(site.key))
         if query is not None and keys is not None and keys.dim() == 4 and query.dim() == 4:
             site.gqa_groups = int(query.shape[1]) // int(keys.shape[1])
         return site

@@ -123,3 +123,32 @@ def test_inductor_compiled_equals_eager_operator():
     for layer, ref_layer in zip(cache.layers, ref_cache.layers, strict=True):
         assert torch.equal(layer.positions, ref_layer.positions)
         torch.testing.assert_close(layer.keys, ref_layer.keys, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ATTENTIONS)
+def test_sliding_window_layers_are_left_alone(attn):
+    """Gemma3: full-attention layers are compressed; sliding-window layers keep transformers' own cache
+    layer and mask, and explain says so."""
+    tiny = build("gemma3_text", attn)
+    report = mmkv_compile.explain(tiny.model, "h2o", 0.5, **tiny.inputs)
+    prefill = [s for phase, s in report.sites() if phase == "prefill"]
+    assert [s.evicts for s in prefill] == [False, True, False, True]
+    assert all("sliding-window" in s.reason for s in prefill if not s.evicts)
+    ref_tokens, ref_logits, _ = generate(tiny.model, tiny.inputs, STEPS)
+    tokens, logits, _ = generate(
+        mmkv_compile.compile(build("gemma3_text", attn).model, "full", inductor=False), tiny.inputs, STEPS
+    )
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    tokens, logits, cache = generate(
+        mmkv_compile.compile(build("gemma3_text", attn).model, "h2o", 0.5, inductor=False), tiny.inputs, STEPS
+    )
+    ref_tokens, ref_logits, ref_cache = generate(
+        mmkv_compile.apply_eagerly(build("gemma3_text", attn).model, "h2o", 0.5), tiny.inputs, STEPS
+    )
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert [type(layer).__name__ for layer in cache.layers] == ["DynamicSlidingWindowLayer", "MMKVLayer"] * 2
+    for layer, ref_layer in zip(cache.mmkv_layers, ref_cache.mmkv_layers, strict=True):
+        assert torch.equal(layer.positions, ref_layer.positions)
+        assert layer.get_physical_length() < layer.get_seq_length()
