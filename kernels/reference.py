@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mmkv_compile.labels import Modality
-from mmkv_compile.policy import Policy, ceil_fraction, output_length
+from mmkv_compile.policy import Policy, ceil_fraction, output_length, scheduled
 
 INVALID = int(Modality.INVALID)
 QUERY_CHUNK = 256  # queries scored at once by the all-queries score, to bound memory
@@ -38,13 +38,13 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tens
 
 
 def attention_column_sums(
-    policy: Policy,
     query: torch.Tensor,
     keys: torch.Tensor,
     labels: torch.Tensor,
     positions: torch.Tensor,
     num_queries: int,
     scaling: float,
+    group_reduce: str = "mean",
 ) -> torch.Tensor:
     """Attention each key slot receives from the last ``num_queries`` queries, summed: ``[B, Hkv, S]``."""
     seq = keys.shape[2]
@@ -57,7 +57,7 @@ def attention_column_sums(
         probs = attention_probs(query[:, :, start:stop], keys, visible_keys(labels, positions, slots), scaling)
         per_head += probs.sum(dim=3)
     # The GQA group is reduced after summing over every query, so chunking never changes the result.
-    return per_head.amax(dim=2) if policy.group_reduce == "max" else per_head.mean(dim=2)
+    return per_head.amax(dim=2) if group_reduce == "max" else per_head.mean(dim=2)
 
 
 def pool_scores(policy: Policy, scores: torch.Tensor) -> torch.Tensor:
@@ -74,18 +74,28 @@ def pool_scores(policy: Policy, scores: torch.Tensor) -> torch.Tensor:
 
 
 def score_stage(
-    policy: Policy, query, keys, labels, positions, scores, scaling: float, prefill: bool
+    policy: Policy,
+    query,
+    keys,
+    labels,
+    positions,
+    scores,
+    scaling: float,
+    prefill: bool,
+    column_sums=attention_column_sums,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (selection score, new running score state), both ``[B, Hkv, S]`` float32."""
+    """Return (selection score, new running score state), both ``[B, Hkv, S]`` float32.
+
+    ``column_sums`` computes attention column sums (the Triton kernel passes its own); the rest is shared.
+    """
     num_new = query.shape[2]
     if policy.score == "none":
         fresh = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
     elif policy.score == "position":
         fresh = positions.float()
-    elif policy.score == "window":
-        fresh = attention_column_sums(policy, query, keys, labels, positions, min(policy.window, num_new), scaling)
-    elif policy.score == "all_queries":
-        fresh = attention_column_sums(policy, query, keys, labels, positions, num_new, scaling)
+    elif policy.score in ("window", "all_queries"):
+        num_queries = min(policy.window, num_new) if policy.score == "window" else num_new
+        fresh = column_sums(query, keys, labels, positions, num_queries, scaling, policy.group_reduce)
     else:
         raise ValueError(f"unknown score stage {policy.score!r}")
     if policy.accumulate and not prefill:
@@ -93,6 +103,8 @@ def score_stage(
     else:
         state = fresh
     selection = pool_scores(policy, state) if prefill else state
+    if policy.share_across_heads:  # one token set for the whole layer
+        selection = selection.mean(dim=1, keepdim=True).expand_as(selection)
     return selection, state
 
 
@@ -136,11 +148,35 @@ def budget_stage(
             base = torch.clamp(pool, max=policy.budget)
         else:
             base = ceil_fraction(pool, policy.budget_fraction())
+        base = scheduled(policy, base, pool)
         counts = base if policy.forced_in_budget else base + num_forced
     else:
         # A float budget while decoding holds each row at the valid slots it had before this step.
         counts = valid[..., : labels.shape[-1] - num_new].sum(-1)
     return torch.minimum(counts, num_valid)
+
+
+def head_budget_stage(
+    policy: Policy, selection: torch.Tensor, labels: torch.Tensor, forced: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """AdaKV: spread a layer's budget over its KV heads by a top-k over all heads' scores together.
+
+    Each head keeps its forced slots, ``head_floor`` of its uniform share, and the rest of its share in
+    proportion to how many of the layer-wide top scores it holds. Returns counts ``[B, Hkv]``.
+    """
+    valid = labels != INVALID
+    num_forced = (forced & valid).sum(-1)
+    uniform_free = (counts - num_forced).clamp(min=0)
+    candidates = valid & ~forced
+    flat = torch.where(candidates, selection, float("-inf")).flatten(1)
+    order = torch.argsort(flat, dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(flat.shape[-1], device=flat.device).expand_as(order)
+    )
+    won = (ranks < uniform_free.sum(-1, keepdim=True)).view(selection.shape) & candidates
+    wins = won.sum(-1).double()
+    free = ((1 - policy.head_floor) * wins + policy.head_floor * uniform_free.double()).floor().long()
+    return torch.minimum(num_forced + free, valid.sum(-1))
 
 
 def select_stage(
@@ -179,6 +215,8 @@ def select_slots(
     if policy.forced_in_budget:
         counts = budget_stage(policy, labels, None, num_new, prefill)
         forced = forced_stage(policy, labels, counts)
+        if policy.head_budget == "global_topk" and prefill:
+            counts = head_budget_stage(policy, selection, labels, forced, counts)
     else:
         forced = forced_stage(policy, labels, None)
         counts = budget_stage(policy, labels, forced.sum(-1), num_new, prefill)

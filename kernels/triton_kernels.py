@@ -284,23 +284,10 @@ def score_stage(
     scaling: float,
     prefill: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (selection score, new running score state) like :func:`reference.score_stage`, scoring in Triton."""
-    num_new = query.shape[2]
-    if policy.score == "window":
-        fresh = attention_column_sums(
-            query, keys, labels, positions, min(policy.window, num_new), scaling, policy.group_reduce
-        )
-    elif policy.score == "all_queries":
-        fresh = attention_column_sums(query, keys, labels, positions, num_new, scaling, policy.group_reduce)
-    elif policy.score == "none":
-        fresh = torch.zeros(keys.shape[:3], dtype=torch.float32, device=keys.device)
-    elif policy.score == "position":
-        fresh = positions.float()
-    else:
-        raise ValueError(f"unknown score stage {policy.score!r}")
-    state = scores.float() + fresh if policy.accumulate and not prefill else fresh
-    selection = ref.pool_scores(policy, state) if prefill else state
-    return selection, state
+    """:func:`reference.score_stage` with the attention column sums computed in Triton."""
+    return ref.score_stage(
+        policy, query, keys, labels, positions, scores, scaling, prefill, column_sums=attention_column_sums
+    )
 
 
 # --------------------------------------------------------------------------------------------------

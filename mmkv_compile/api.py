@@ -158,6 +158,7 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     layer = cache.layers[module.layer_idx]
     if not isinstance(layer, MMKVLayer):  # sliding or chunked: transformers' layer and mask, untouched
         policy = _FULL_POLICY
+    policy = policy.at_layer(module.layer_idx, cache.num_decoder_layers or len(cache.layers))
     num_new = query.shape[2]
     prefill = key.shape[-2] == num_new
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5

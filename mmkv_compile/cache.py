@@ -131,6 +131,8 @@ class MMKVCache(Cache):
             super().__init__(layers=layers)
         self.token_ids = modality_token_ids(config) if config is not None else {}
         self.incoming_labels: torch.Tensor | None = None
+        decoder = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        self.num_decoder_layers: int | None = getattr(decoder, "num_hidden_layers", None)
 
     def observe(
         self,

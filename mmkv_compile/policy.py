@@ -13,15 +13,20 @@ one canonical string argument of ``torch.ops.mmkv.score_evict_merge``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from functools import lru_cache
 
+import torch
+
 SCORES = ("none", "position", "window", "all_queries")
 POOLS = ("none", "max", "avg")
 GROUP_REDUCTIONS = ("mean", "max")
+LAYER_SCHEDULES = ("uniform", "pyramid")
+HEAD_BUDGETS = ("uniform", "global_topk")
 MERGES = ("none",)
 
 
@@ -44,6 +49,13 @@ class Policy:
     forced_in_budget: bool = True
     evict_while_decoding: bool = False
     merge: str = "none"
+    share_across_heads: bool = False  # one token set per layer: scores averaged over KV heads (TOVA)
+    layer_schedule: str = "uniform"  # how the budget is spread over layers
+    pyramid_beta: float = 20.0
+    head_budget: str = "uniform"  # how a layer's budget is spread over KV heads
+    head_floor: float = 0.2  # global_topk: share of each head's uniform budget it always gets (AdaKV's alpha)
+    layer: int = 0  # set per attention site by the passes
+    num_layers: int = 1
 
     # -- derived facts the passes and the fake kernel need -------------------------------------
     @property
@@ -54,7 +66,25 @@ class Policy:
     @property
     def static_output_length(self) -> bool:
         """Whether the kept length follows from shapes alone (no data-dependent size)."""
-        return self.forced_in_budget or not self.keep_labels or self.keeps_everything
+        if self.keeps_everything:
+            return True
+        return (self.forced_in_budget or not self.keep_labels) and self.head_budget == "uniform"
+
+    def at_layer(self, layer: int, num_layers: int) -> Policy:
+        """This policy for one decoder layer (per-layer schedules need to know which)."""
+        return dataclasses.replace(self, layer=layer, num_layers=num_layers)
+
+    def layer_share(self) -> Fraction:
+        """This layer's share of the mean per-layer budget (1 for a uniform schedule).
+
+        PyramidKV: an arithmetic sequence from ``2 - 1/beta`` at layer 0 down to ``1/beta`` at the last
+        layer; the shares average to 1, so the layers' budgets sum to the configured total.
+        """
+        if self.layer_schedule == "uniform" or self.num_layers <= 1:
+            return Fraction(1)
+        beta = Fraction(self.pyramid_beta).limit_denominator(1 << 12)
+        top, bottom = 2 - 1 / beta, 1 / beta
+        return top - (top - bottom) * self.layer / (self.num_layers - 1)
 
     def to_string(self) -> str:
         """Canonical string form, the operator's ``policy`` argument."""
@@ -96,17 +126,26 @@ def output_length(policy: Policy, total: int, num_new: int, prefill: bool):
     if not policy.static_output_length:
         return None
     if isinstance(policy.budget, int):
-        return _sym_min(total, policy.budget)
+        return _sym_min(total, scheduled(policy, _sym_min(total, policy.budget), total))
     if prefill:
-        return ceil_fraction(total, policy.budget_fraction())
+        return scheduled(policy, ceil_fraction(total, policy.budget_fraction()), total)
     return total - num_new
 
 
-def _sym_min(a, b):
-    if isinstance(a, int) and isinstance(b, int):
-        return min(a, b)
-    import torch
+def scheduled(policy: Policy, base, limit):
+    """Apply the layer schedule to a uniform per-layer count ``base`` (an int, SymInt or int tensor): the
+    forced recent window stays, the rest scales by the layer's share; never more than ``limit``."""
+    share = policy.layer_share()
+    if share == 1:
+        return base
+    if isinstance(base, torch.Tensor):
+        spread = (base - policy.recent).clamp(min=0)
+        return torch.minimum(policy.recent + ceil_fraction(spread, share), limit)
+    spread = torch.sym_max(base - policy.recent, 0)
+    return torch.sym_min(policy.recent + ceil_fraction(spread, share), limit)
 
+
+def _sym_min(a, b):
     return torch.sym_min(a, b)
 
 

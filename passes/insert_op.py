@@ -40,8 +40,9 @@ class InsertScoreEvictMerge(GraphPass):
 
     def run(self, gm: fx.GraphModule, ctx: RewriteContext) -> int:
         policy = ctx.policy
-        policy_text = policy.to_string()
         output = next(n for n in gm.graph.nodes if n.op == "output")
+        cached_layers = [s.layer for s in ctx.sites if s.cache not in ("none", "unknown") and s.layer is not None]
+        num_layers = max(cached_layers) + 1 if cached_layers else 1
         inserted: dict[fx.Node, fx.Node] = {}
         for site in ctx.sites:
             if site.cache != "mmkv" or site.reason:
@@ -56,6 +57,10 @@ class InsertScoreEvictMerge(GraphPass):
             if site.state in inserted:  # several attention calls read one cache update
                 site.evicts = True
                 continue
+            if policy.layer_schedule != "uniform" and site.layer is None:
+                site.reason = "a per-layer budget schedule needs the layer index, which the graph does not give"
+                continue
+            policy_text = policy.at_layer(site.layer or 0, num_layers).to_string()
             getters = state_outputs(site.state)
             with gm.graph.inserting_before(site.anchor):
                 op = gm.graph.call_function(

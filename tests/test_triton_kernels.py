@@ -8,7 +8,6 @@ tensors each run; a failure prints the seed (rerun with ``MMKV_TEST_SEED=<seed>`
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import subprocess
@@ -54,6 +53,12 @@ CASES: dict[str, dict] = {
         method="text_prior", options={"window": 4}, budget=0.5, group=2, seq=60, dim=16, label_mix=True
     ),
     "full_keeps_everything": dict(method="full", budget=1.0, group=1, seq=19, dim=8),
+    "pyramidkv_layer_schedule": dict(
+        method="pyramidkv", options={"window": 4}, budget=0.5, group=2, seq=40, dim=16, layer=2, num_layers=3
+    ),
+    "adakv_per_head_budgets": dict(method="adakv", options={"window": 4}, budget=0.4, group=2, seq=45, dim=16),
+    "tova_shared_across_heads": dict(method="tova", budget=12, group=2, seq=30, dim=16),
+    "tova_decode": dict(method="tova", budget=12, group=2, seq=13, dim=16, num_new=1, prefill=False),
     "dispatch_through_torch_ops": dict(
         method="snapkv", options={"window": 4}, budget=0.5, group=2, seq=33, dim=16, via_ops=True
     ),
@@ -172,7 +177,8 @@ def make_inputs(params: dict, gen: torch.Generator, device: torch.device) -> dic
 def policy_string(params: dict) -> str:
     from mmkv_compile.methods import build_method
 
-    return build_method(params["method"], **params.get("options", {})).policy(params["budget"]).to_string()
+    policy = build_method(params["method"], **params.get("options", {})).policy(params["budget"])
+    return policy.at_layer(params.get("layer", 0), params.get("num_layers", 1)).to_string()
 
 
 def compare_outputs(got, want, dtype: torch.dtype) -> str | None:
@@ -242,17 +248,14 @@ def check_column_sums(params: dict, inputs: dict, gen: torch.Generator) -> str |
     """The scoring kernels alone, with INVALID slots anywhere (query slots included) and forced key splits."""
     from mmkv_compile.kernels import reference as ref
     from mmkv_compile.kernels import triton_kernels as tk
-    from mmkv_compile.methods import build_method
 
     labels = inputs["labels"].clone()
     labels[torch.rand(labels.shape, generator=gen) < 0.2] = -1
     labels[0, 0, -2:] = -1  # two query rows with no visible key at all
-    policy = build_method("h2o").policy(0.5)
-    policy = dataclasses.replace(policy, group_reduce=params["reduce"])
     num_queries = params["num_new"]
     query = inputs["query"][:, :, -num_queries:]
     want = ref.attention_column_sums(
-        policy, query, inputs["keys"], labels, inputs["positions"], num_queries, inputs["scaling"]
+        query, inputs["keys"], labels, inputs["positions"], num_queries, inputs["scaling"], params["reduce"]
     )
     problems = []
     for splits in (1, 3, None):

@@ -24,6 +24,11 @@ class Method:
     def validate(self, budget: float | int) -> None:
         """Raise ValueError on parameters that cannot work together with ``budget``."""
 
+    @staticmethod
+    def replace_policy(policy: Policy, **changes) -> Policy:
+        """A preset built on another one's policy."""
+        return dataclasses.replace(policy, **changes)
+
     @classmethod
     def parameters(cls) -> dict[str, object]:
         """Parameter names and their defaults."""

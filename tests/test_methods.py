@@ -1,0 +1,127 @@
+"""Method presets: hand-checked kept slots, budget properties (per layer, per head), and compiled vs
+the eagerly called operator on LLaVA and Qwen2-VL."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build, generate
+
+import mmkv_compile
+from mmkv_compile.methods import METHODS, build_method
+from mmkv_compile.policy import ceil_fraction
+
+INVALID = -1
+
+
+def _op(policy, query, keys, labels=None, positions=None, scaling=1.0, prefill=True, scores=None):
+    batch, heads, seq, _ = keys.shape
+    labels = torch.zeros(batch, heads, seq, dtype=torch.int8) if labels is None else labels
+    positions = torch.arange(seq).expand(batch, heads, seq).contiguous() if positions is None else positions
+    scores = torch.zeros(batch, heads, seq) if scores is None else scores
+    return torch.ops.mmkv.score_evict_merge(
+        query, keys, keys.clone(), labels, positions, scores, scaling, policy.to_string(), prefill
+    )
+
+
+@pytest.mark.parametrize("num_layers", [2, 5, 30])
+@pytest.mark.parametrize("budget,prompt", [(0.5, 100), (0.2, 333), (0.1, 2048), (64, 500)])
+def test_pyramid_layer_budgets_sum_to_the_total(num_layers, budget, prompt):
+    policy = build_method("pyramidkv", window=8).policy(budget)
+    per_layer = [policy.at_layer(layer, num_layers) for layer in range(num_layers)]
+    uniform = ceil_fraction(prompt, policy.budget_fraction()) if isinstance(budget, float) else budget
+    counts = []
+    for layer_policy in per_layer:
+        labels = torch.zeros(1, 1, prompt, dtype=torch.int8)
+        keys = torch.randn(1, 1, prompt, 4)
+        counts.append(int((_op(layer_policy, torch.randn(1, 1, prompt, 4), keys, labels)[2] != INVALID).sum()))
+    assert counts == sorted(counts, reverse=True)  # the pyramid falls layer by layer
+    assert counts[0] > counts[-1] >= 8  # the window is always kept
+    assert abs(sum(counts) - num_layers * uniform) <= num_layers  # one ceil per layer at most
+
+
+def test_adakv_moves_budget_to_the_head_that_needs_it():
+    """Head 0's window query puts ~0.5 on slots 1 and 2 and ~1e-4 elsewhere; head 1's attention is flat
+    (0.1 per slot). Uniform: 4 per head, 1 of them the window. With alpha=0 the layer-wide top-6 of the
+    free slots is head 0's two peaks and four of head 1's slots: head 0 keeps 1+2, head 1 keeps 1+4."""
+    seq, dim = 10, 4
+    keys = torch.zeros(1, 2, seq, dim)
+    keys[0, 0, 1, 0] = keys[0, 0, 2, 0] = 8.0
+    query = torch.zeros(1, 2, seq, dim)
+    query[0, 0, -1, 0] = 1.0
+    policy = build_method("adakv", window=1, pool="none", alpha=0.0).policy(4)
+    _, _, labels, positions, _ = _op(policy, query, keys)
+    counts = (labels[0] != INVALID).sum(-1).tolist()
+    assert counts == [3, 5]
+    assert positions[0, 0][labels[0, 0] != INVALID].tolist() == [1, 2, 9]
+    floored = build_method("adakv", window=1, pool="none", alpha=1.0).policy(4)
+    assert (_op(floored, query, keys)[2][0] != INVALID).sum(-1).tolist() == [4, 4]  # alpha=1 is uniform
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 0.5])
+def test_adakv_head_budgets_sum_to_the_layer_total(alpha):
+    torch.manual_seed(1)
+    heads, seq = 4, 40
+    policy = build_method("adakv", window=4, alpha=alpha).policy(0.25)
+    labels = _op(policy, torch.randn(1, heads * 2, seq, 8), torch.randn(1, heads, seq, 8))[2]
+    counts = (labels[0] != INVALID).sum(-1)
+    uniform = ceil_fraction(seq, policy.budget_fraction())
+    assert heads * uniform - heads <= int(counts.sum()) <= heads * uniform
+    assert int(counts.min()) >= 4 + int(alpha * (uniform - 4))  # window + the floor
+    assert labels.shape[-1] == int(counts.max())  # padded to the largest head, not to the worst case
+
+
+def test_tova_keeps_one_token_set_for_the_whole_layer():
+    torch.manual_seed(0)
+    policy = build_method("tova").policy(5)
+    _, _, _, positions, _ = _op(policy, torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), scaling=0.35)
+    assert torch.equal(positions[0, 0], positions[0, 1])
+    assert 11 in positions[0, 0].tolist()  # the newest token
+    # Hand check: the kept set is the top-4 of the last query's head-averaged attention, plus the newest.
+    torch.manual_seed(0)
+    query, keys = torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8)
+    logits = torch.einsum("bhd,bhsd->bhs", query[:, :, -1], keys.repeat_interleave(2, 1)) * 0.35
+    mean = torch.softmax(logits, -1).mean(1)[0]
+    mean[11] = float("inf")
+    assert positions[0, 0].tolist() == sorted(torch.topk(mean, 5).indices.tolist())
+
+
+def test_every_method_is_listed_with_its_parameters():
+    listing = mmkv_compile.methods()
+    assert set(listing) == set(METHODS)
+    assert listing["pyramidkv"]["parameters"]["beta"] == 20.0
+    assert listing["adakv"]["parameters"]["alpha"] == 0.2
+
+
+CASES = [("pyramidkv", 0.5, {"window": 4}), ("adakv", 0.5, {"window": 4}), ("tova", 0.5, {})]
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("method,budget,options", CASES, ids=[c[0] for c in CASES])
+def test_compiled_equals_eager_operator(name, method, budget, options):
+    tiny = build(name)
+    tokens, logits, cache = generate(
+        mmkv_compile.compile(build(name).model, method, budget, inductor=False, **options), tiny.inputs, 6
+    )
+    ref_tokens, ref_logits, ref_cache = generate(
+        mmkv_compile.apply_eagerly(build(name).model, method, budget, **options), tiny.inputs, 6
+    )
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    for layer, ref_layer in zip(cache.mmkv_layers, ref_cache.mmkv_layers, strict=True):
+        assert torch.equal(layer.positions, ref_layer.positions)
+        torch.testing.assert_close(layer.keys, ref_layer.keys, atol=1e-5, rtol=0)
+    assert cache.get_physical_length() < cache.get_seq_length()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_full_budget_is_identity_for_every_method(method):
+    tiny = build("llava")
+    ref_tokens, ref_logits, _ = generate(tiny.model, tiny.inputs, 4)
+    options = {"window": 4} if "window" in METHODS[method].parameters() else {}
+    tokens, logits, cache = generate(
+        mmkv_compile.compile(build("llava").model, method, 1.0, inductor=False, **options), tiny.inputs, 4
+    )
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert cache.get_physical_length() == cache.get_seq_length()
