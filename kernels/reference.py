@@ -15,6 +15,7 @@ from mmkv_compile.policy import Policy, ceil_fraction, output_length, scheduled
 
 INVALID = int(Modality.INVALID)
 QUERY_CHUNK = 256  # queries scored at once by the all-queries score, to bound memory
+MERGE_CHUNK = 1024  # evicted slots compared with the kept ones at once, to bound memory
 
 
 def visible_keys(labels: torch.Tensor, positions: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
@@ -196,16 +197,70 @@ def select_stage(
 
 
 def gather_stage(tensors, slots: torch.Tensor, kept: torch.Tensor):
-    """Gather the kept slots of keys, values, labels, positions and scores; unused slots are INVALID."""
-    keys, values, labels, positions, scores = tensors
+    """Gather the kept slots of every state tensor; unused slots are INVALID with zero K/V and weight."""
+    keys, values, labels, positions, scores, weights = tensors
     index_kv = slots.unsqueeze(-1).expand(*slots.shape, keys.shape[-1])
     kept_kv = kept.unsqueeze(-1)
-    new_keys = torch.where(kept_kv, keys.gather(2, index_kv), 0)
-    new_values = torch.where(kept_kv, values.gather(2, index_kv), 0)
-    new_labels = torch.where(kept, labels.gather(2, slots), INVALID).to(labels.dtype)
-    new_positions = torch.where(kept, positions.gather(2, slots), -1)
-    new_scores = torch.where(kept, scores.gather(2, slots), 0.0)
-    return new_keys, new_values, new_labels, new_positions, new_scores
+    return (
+        torch.where(kept_kv, keys.gather(2, index_kv), 0),
+        torch.where(kept_kv, values.gather(2, index_kv), 0),
+        torch.where(kept, labels.gather(2, slots), INVALID).to(labels.dtype),
+        torch.where(kept, positions.gather(2, slots), -1),
+        torch.where(kept, scores.gather(2, slots), 0.0),
+        torch.where(kept, weights.gather(2, slots), 0.0),
+    )
+
+
+def merge_stage(policy: Policy, state, slots: torch.Tensor, kept: torch.Tensor, kept_state):
+    """Merge every evicted slot into its most similar kept slot (cosine of keys, same row and KV head).
+
+    Rules, for a kept slot ``c`` receiving evicted slots ``e`` (weights ``w`` count original tokens, so a
+    slot merged again later stays an exact mean):
+      avg       k_c <- (w_c k_c + sum w_e k_e) / (w_c + sum w_e)                  (MEDA, LOOK-M A-merge)
+      pivot     as avg, with each k_e first averaged with k_c                      (LOOK-M P-merge)
+      weighted  as avg, with each k_e scaled by its cosine similarity to k_c       (LOOK-M W-merge)
+    Values follow the keys' assignment and rule.
+    """
+    if policy.merge == "none":
+        return kept_state
+    keys, values, labels, _, _, weights = state
+    new_keys, new_values, new_labels, new_positions, new_scores, new_weights = kept_state
+    survived = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device).scatter(2, slots, kept)
+    evicted = (labels != INVALID) & ~survived
+    targets = F.normalize(new_keys.float(), dim=-1)
+    sum_keys = torch.zeros(new_keys.shape, dtype=torch.float32, device=keys.device)
+    sum_values = torch.zeros_like(sum_keys)
+    sum_weights = torch.zeros(new_weights.shape, dtype=torch.float32, device=keys.device)
+    for start in range(0, keys.shape[2], MERGE_CHUNK):
+        chunk = slice(start, start + MERGE_CHUNK)
+        k_e, v_e = keys[:, :, chunk].float(), values[:, :, chunk].float()
+        similarity = F.normalize(k_e, dim=-1) @ targets.transpose(-1, -2)
+        similarity = similarity.masked_fill(~kept.unsqueeze(2), float("-inf"))
+        best, target = similarity.max(dim=-1)
+        w = weights[:, :, chunk] * (evicted[:, :, chunk] & torch.isfinite(best))
+        index = target.unsqueeze(-1).expand_as(k_e)
+        if policy.merge == "pivot":
+            k_e = (k_e + new_keys.float().gather(2, index)) / 2
+            v_e = (v_e + new_values.float().gather(2, index)) / 2
+        elif policy.merge == "weighted":
+            factor = torch.nan_to_num(best, neginf=0.0).unsqueeze(-1)
+            k_e, v_e = k_e * factor, v_e * factor
+        sum_keys.scatter_add_(2, index, w.unsqueeze(-1) * k_e)
+        sum_values.scatter_add_(2, index, w.unsqueeze(-1) * v_e)
+        sum_weights.scatter_add_(2, target, w)
+    total = new_weights + sum_weights
+    received = (sum_weights > 0).unsqueeze(-1)
+    denominator = total.clamp(min=1e-12).unsqueeze(-1)
+    merged_keys = (new_weights.unsqueeze(-1) * new_keys.float() + sum_keys) / denominator
+    merged_values = (new_weights.unsqueeze(-1) * new_values.float() + sum_values) / denominator
+    return (
+        torch.where(received, merged_keys.to(new_keys.dtype), new_keys),
+        torch.where(received, merged_values.to(new_values.dtype), new_values),
+        new_labels,
+        new_positions,
+        new_scores,
+        total,
+    )
 
 
 def select_slots(
@@ -233,12 +288,14 @@ def score_evict_merge(
     labels: torch.Tensor,
     positions: torch.Tensor,
     scores: torch.Tensor,
+    weights: torch.Tensor,
     scaling: float,
     policy: str,
     prefill: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference kernel: score, then budget/keep/select, then gather. Outputs never alias inputs."""
+) -> tuple[torch.Tensor, ...]:
+    """Reference kernel: score, budget/keep/select, gather, merge. Outputs never alias inputs."""
     pol = Policy.from_string(policy)
-    selection, state = score_stage(pol, query, keys, labels, positions, scores, scaling, prefill)
+    selection, new_scores = score_stage(pol, query, keys, labels, positions, scores, scaling, prefill)
     slots, kept = select_slots(pol, selection, labels, query.shape[2], prefill)
-    return gather_stage((keys, values, labels, positions, state), slots, kept)
+    state = (keys, values, labels, positions, new_scores, weights)
+    return merge_stage(pol, state, slots, kept, gather_stage(state, slots, kept))

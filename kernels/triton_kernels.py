@@ -380,17 +380,21 @@ def score_evict_merge(
     labels: torch.Tensor,
     positions: torch.Tensor,
     scores: torch.Tensor,
+    weights: torch.Tensor,
     scaling: float,
     policy: str,
     prefill: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     """Triton kernel of ``mmkv::score_evict_merge``; same signature and results as the reference.
 
-    Scoring and the K/V gather run in Triton; budget, forced keep and selection are the reference's torch code.
-    Outputs never alias inputs.
+    Scoring and the K/V gather run in Triton; budget, forced keep, selection, the weights' gather and the
+    merge stage are the reference's torch code. Outputs never alias inputs.
     """
     _check_device(keys)
     pol = Policy.from_string(policy)
-    selection, state = score_stage(pol, query, keys, labels, positions, scores, scaling, prefill)
+    selection, new_scores = score_stage(pol, query, keys, labels, positions, scores, scaling, prefill)
     slots, kept = ref.select_slots(pol, selection, labels, query.shape[2], prefill)
-    return gather_kept(keys, values, labels, positions, state, slots, kept)
+    gathered = gather_kept(keys, values, labels, positions, new_scores, slots, kept)
+    kept_weights = torch.where(kept, weights.gather(2, slots), 0.0)
+    state = (keys, values, labels, positions, new_scores, weights)
+    return ref.merge_stage(pol, state, slots, kept, (*gathered, kept_weights))

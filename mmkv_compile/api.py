@@ -171,9 +171,9 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
         query, key, value, attn_mask=mask, scale=scaling, is_causal=is_causal, enable_gqa=True
     )
     if policy.method != "full" and (prefill or policy.evict_while_decoding):
-        state = (layer.keys, layer.values, layer.labels, layer.positions, layer.scores)
-        new_state = torch.ops.mmkv.score_evict_merge(query, *state, float(scaling), policy.to_string(), prefill)
-        layer.keys, layer.values, layer.labels, layer.positions, layer.scores = new_state
+        layer.set_state(
+            torch.ops.mmkv.score_evict_merge(query, *layer.state(), float(scaling), policy.to_string(), prefill)
+        )
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -21,10 +21,14 @@ from mmkv_compile.labels import LABEL_DTYPE, Modality, labels_from_inputs, modal
 
 POSITION_DTYPE = torch.int64
 SCORE_DTYPE = torch.float32
+# A layer's state, per slot: the operator's inputs and outputs come in this order.
+STATE_FIELDS = ("keys", "values", "labels", "positions", "scores", "weights")
 
 
 class MMKVLayer(CacheLayerMixin):
-    """One layer's compressed cache: keys/values ``[B, Hkv, S, D]`` plus per-slot labels, positions, scores."""
+    """One layer's compressed cache: keys/values ``[B, Hkv, S, D]`` plus per slot a modality label, the token's
+    logical position, a running score, and a weight (how many original tokens the slot stands for, > 1
+    after merging)."""
 
     is_sliding = False
     is_croppable = False
@@ -36,6 +40,7 @@ class MMKVLayer(CacheLayerMixin):
         self.labels: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
+        self.weights: torch.Tensor | None = None
         self.logical_length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -46,6 +51,7 @@ class MMKVLayer(CacheLayerMixin):
         self.labels = torch.empty((batch, heads, 0), dtype=LABEL_DTYPE, device=device)
         self.positions = torch.empty((batch, heads, 0), dtype=POSITION_DTYPE, device=device)
         self.scores = torch.empty((batch, heads, 0), dtype=SCORE_DTYPE, device=device)
+        self.weights = torch.empty((batch, heads, 0), dtype=SCORE_DTYPE, device=device)
         self.is_initialized = True
 
     def update(
@@ -60,12 +66,19 @@ class MMKVLayer(CacheLayerMixin):
         new_labels = labels.to(device=key_states.device, dtype=LABEL_DTYPE).unsqueeze(1).expand(batch, heads, num_new)
         new_positions = torch.arange(num_new, device=key_states.device, dtype=POSITION_DTYPE) + self.logical_length
         new_positions = new_positions.expand(batch, heads, num_new)
-        self.keys, self.values, self.labels, self.positions, self.scores = torch.ops.mmkv.cache_append(
-            self.keys, self.values, self.labels, self.positions, self.scores,
-            key_states, value_states, new_labels.contiguous(), new_positions.contiguous(),
-        )  # fmt: skip
+        self.set_state(torch.ops.mmkv.cache_append(
+            *self.state(), key_states, value_states, new_labels.contiguous(), new_positions.contiguous()
+        ))  # fmt: skip
         self.logical_length = self.logical_length + num_new
         return self.keys, self.values
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """The per-slot tensors, in :data:`STATE_FIELDS` order."""
+        return tuple(getattr(self, name) for name in STATE_FIELDS)
+
+    def set_state(self, tensors) -> None:
+        for name, tensor in zip(STATE_FIELDS, tensors, strict=True):
+            setattr(self, name, tensor)
 
     def get_seq_length(self) -> int:
         """Logical length: the tokens seen so far. Positions of new tokens continue from here."""
@@ -83,15 +96,13 @@ class MMKVLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.labels = self.positions = self.scores = None
+        self.set_state((None,) * len(STATE_FIELDS))
         self.logical_length = 0
         self.is_initialized = False
 
     def _select_batch(self, fn) -> None:
         if self.is_initialized:
-            self.keys, self.values, self.labels, self.positions, self.scores = (
-                fn(t) for t in (self.keys, self.values, self.labels, self.positions, self.scores)
-            )
+            self.set_state(fn(t) for t in self.state())
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -106,11 +117,11 @@ class MMKVLayer(CacheLayerMixin):
         raise NotImplementedError("a compressed cache cannot be cropped back: evicted tokens are gone")
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held: keys+values, and the per-slot metadata (labels, positions, scores)."""
+        """Bytes held: keys+values, and the per-slot metadata (labels, positions, scores, weights)."""
         if not self.is_initialized:
             return {"kv": 0, "metadata": 0}
         kv = self.keys.nbytes + self.values.nbytes
-        meta = self.labels.nbytes + self.positions.nbytes + self.scores.nbytes
+        meta = sum(t.nbytes for t in self.state()[2:])
         return {"kv": kv, "metadata": meta}
 
 

@@ -16,7 +16,7 @@ import torch
 from mmkv_compile.kernels import reference
 from mmkv_compile.policy import Policy, output_length
 
-Tensors5 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 KERNEL_CHOICES = ("auto", "reference", "triton")
 
 
@@ -37,32 +37,31 @@ def cache_append(
     labels: torch.Tensor,
     positions: torch.Tensor,
     scores: torch.Tensor,
+    weights: torch.Tensor,
     new_keys: torch.Tensor,
     new_values: torch.Tensor,
     new_labels: torch.Tensor,
     new_positions: torch.Tensor,
-) -> Tensors5:
-    """Concatenate a step's slots after the cached ones (dim 2 of every state tensor)."""
+) -> State:
+    """Concatenate a step's slots after the cached ones (dim 2 of every state tensor); new slots start
+    with score 0 and weight 1."""
     new_scores = torch.zeros(new_labels.shape, dtype=scores.dtype, device=scores.device)
-    return (
-        torch.cat([keys, new_keys], dim=2),
-        torch.cat([values, new_values], dim=2),
-        torch.cat([labels, new_labels], dim=2),
-        torch.cat([positions, new_positions], dim=2),
-        torch.cat([scores, new_scores], dim=2),
-    )
+    new_weights = torch.ones(new_labels.shape, dtype=weights.dtype, device=weights.device)
+    old = (keys, values, labels, positions, scores, weights)
+    new = (new_keys, new_values, new_labels, new_positions, new_scores, new_weights)
+    return tuple(torch.cat([a, b], dim=2) for a, b in zip(old, new, strict=True))
+
+
+def _with_length(state, length) -> State:
+    """Empty tensors shaped like ``state`` but with ``length`` slots (dim 2)."""
+    return tuple(t.new_empty((*t.shape[:2], length, *t.shape[3:])) for t in state)
 
 
 @cache_append.register_fake
-def _cache_append_fake(keys, values, labels, positions, scores, new_keys, new_values, new_labels, new_positions):
-    total = keys.shape[2] + new_keys.shape[2]
-    return (
-        keys.new_empty((*keys.shape[:2], total, keys.shape[3])),
-        values.new_empty((*values.shape[:2], total, values.shape[3])),
-        labels.new_empty((*labels.shape[:2], total)),
-        positions.new_empty((*positions.shape[:2], total)),
-        scores.new_empty((*scores.shape[:2], total)),
-    )
+def _cache_append_fake(
+    keys, values, labels, positions, scores, weights, new_keys, new_values, new_labels, new_positions
+):
+    return _with_length((keys, values, labels, positions, scores, weights), keys.shape[2] + new_keys.shape[2])
 
 
 @torch.library.custom_op("mmkv::score_evict_merge", mutates_args=())
@@ -73,11 +72,13 @@ def score_evict_merge(
     labels: torch.Tensor,
     positions: torch.Tensor,
     scores: torch.Tensor,
+    weights: torch.Tensor,
     scaling: float,
     policy: str,
     prefill: bool,
-) -> Tensors5:
-    """Score every cached slot, keep the policy's budget, return (keys, values, labels, positions, scores).
+) -> State:
+    """Score every cached slot, keep the policy's budget, merge what the policy merges; return the kept
+    (keys, values, labels, positions, scores, weights).
 
     ``query`` holds the step's queries (the last ``query.shape[2]`` slots); ``policy`` is a
     :class:`~mmkv_compile.policy.Policy` string; ``prefill`` says the cache held nothing before this step.
@@ -86,21 +87,17 @@ def score_evict_merge(
         from mmkv_compile.kernels import triton_kernels
 
         return triton_kernels.score_evict_merge(
-            query, keys, values, labels, positions, scores, scaling, policy, prefill
+            query, keys, values, labels, positions, scores, weights, scaling, policy, prefill
         )
-    return reference.score_evict_merge(query, keys, values, labels, positions, scores, scaling, policy, prefill)
+    return reference.score_evict_merge(
+        query, keys, values, labels, positions, scores, weights, scaling, policy, prefill
+    )
 
 
 @score_evict_merge.register_fake
-def _score_evict_merge_fake(query, keys, values, labels, positions, scores, scaling, policy, prefill):
+def _score_evict_merge_fake(query, keys, values, labels, positions, scores, weights, scaling, policy, prefill):
     pol = Policy.from_string(policy)
     kept = output_length(pol, keys.shape[2], query.shape[2], prefill)
     if kept is None:
         kept = torch.library.get_ctx().new_dynamic_size(min=0, max=keys.shape[2])
-    return (
-        keys.new_empty((*keys.shape[:2], kept, keys.shape[3])),
-        values.new_empty((*values.shape[:2], kept, values.shape[3])),
-        labels.new_empty((*labels.shape[:2], kept)),
-        positions.new_empty((*positions.shape[:2], kept)),
-        scores.new_empty((*scores.shape[:2], kept)),
-    )
+    return _with_length((keys, values, labels, positions, scores, weights), kept)

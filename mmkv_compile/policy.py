@@ -5,7 +5,7 @@ Stages, in order (see docs/design.md):
   budget  how many slots each (row, KV head) keeps
   keep    slots that are always kept (sinks, recent window, whole modalities)
   select  top-k by score among the rest
-  merge   what happens to evicted slots (dropped today)
+  merge   what happens to evicted slots: dropped, or merged into their most similar kept slot
 
 A method (``mmkv_compile.methods``) is a preset of these fields. The policy travels into the graph as
 one canonical string argument of ``torch.ops.mmkv.score_evict_merge``.
@@ -27,7 +27,7 @@ POOLS = ("none", "max", "avg")
 GROUP_REDUCTIONS = ("mean", "max")
 LAYER_SCHEDULES = ("uniform", "pyramid")
 HEAD_BUDGETS = ("uniform", "global_topk")
-MERGES = ("none",)
+MERGES = ("none", "avg", "pivot", "weighted")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 
 from mmkv_compile import ops  # noqa: F401  (registers torch.ops.mmkv)
+from mmkv_compile.cache import STATE_FIELDS
 from mmkv_compile.passes.graph_utils import example_value
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
 
@@ -65,10 +66,10 @@ class InsertScoreEvictMerge(GraphPass):
             with gm.graph.inserting_before(site.anchor):
                 op = gm.graph.call_function(
                     SCORE_EVICT_MERGE,
-                    (site.query, *(self._getter(gm, site.state, getters, i) for i in range(5)),
+                    (site.query, *(self._getter(gm, site.state, getters, i) for i in range(len(STATE_FIELDS))),
                      float(site.scaling), policy_text, prefill),
                 )  # fmt: skip
-                kept = [gm.graph.call_function(operator.getitem, (op, i)) for i in range(5)]
+                kept = [gm.graph.call_function(operator.getitem, (op, i)) for i in range(len(STATE_FIELDS))]
             for i, getter in getters.items():
                 output.replace_input_with(getter, kept[i])
             inserted[site.state] = op

@@ -10,12 +10,13 @@ import operator
 
 import torch.fx as fx
 
+from mmkv_compile.cache import STATE_FIELDS
 from mmkv_compile.masks import slot_attention_mask
 from mmkv_compile.passes.graph_utils import example_value, prune_orphans
 from mmkv_compile.passes.insert_op import is_prefill, state_outputs
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
 
-LABELS, POSITIONS = 2, 3
+LABELS, POSITIONS = STATE_FIELDS.index("labels"), STATE_FIELDS.index("positions")
 
 
 class RewriteAttentionMasks(GraphPass):

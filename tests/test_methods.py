@@ -19,8 +19,9 @@ def _op(policy, query, keys, labels=None, positions=None, scaling=1.0, prefill=T
     labels = torch.zeros(batch, heads, seq, dtype=torch.int8) if labels is None else labels
     positions = torch.arange(seq).expand(batch, heads, seq).contiguous() if positions is None else positions
     scores = torch.zeros(batch, heads, seq) if scores is None else scores
+    weights = torch.ones(batch, heads, seq)
     return torch.ops.mmkv.score_evict_merge(
-        query, keys, keys.clone(), labels, positions, scores, scaling, policy.to_string(), prefill
+        query, keys, keys.clone(), labels, positions, scores, weights, scaling, policy.to_string(), prefill
     )
 
 
@@ -50,7 +51,7 @@ def test_adakv_moves_budget_to_the_head_that_needs_it():
     query = torch.zeros(1, 2, seq, dim)
     query[0, 0, -1, 0] = 1.0
     policy = build_method("adakv", window=1, pool="none", alpha=0.0).policy(4)
-    _, _, labels, positions, _ = _op(policy, query, keys)
+    _, _, labels, positions, _, _ = _op(policy, query, keys)
     counts = (labels[0] != INVALID).sum(-1).tolist()
     assert counts == [3, 5]
     assert positions[0, 0][labels[0, 0] != INVALID].tolist() == [1, 2, 9]
@@ -74,7 +75,7 @@ def test_adakv_head_budgets_sum_to_the_layer_total(alpha):
 def test_tova_keeps_one_token_set_for_the_whole_layer():
     torch.manual_seed(0)
     policy = build_method("tova").policy(5)
-    _, _, _, positions, _ = _op(policy, torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), scaling=0.35)
+    _, _, _, positions, _, _ = _op(policy, torch.randn(1, 4, 12, 8), torch.randn(1, 2, 12, 8), scaling=0.35)
     assert torch.equal(positions[0, 0], positions[0, 1])
     assert 11 in positions[0, 0].tolist()  # the newest token
     # Hand check: the kept set is the top-4 of the last query's head-averaged attention, plus the newest.
@@ -86,6 +87,54 @@ def test_tova_keeps_one_token_set_for_the_whole_layer():
     assert positions[0, 0].tolist() == sorted(torch.topk(mean, 5).indices.tolist())
 
 
+def _merge_case(merge: str):
+    """Four image slots: k0=[2,0] and k1=[0,2] win the prompt's attention; k2 is closest to k0, k3 to k1."""
+    keys = torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.9, 0.1], [0.1, 0.9]]).view(1, 1, 4, 2)
+    query = torch.full((1, 1, 4, 2), 3.0)
+    labels = torch.ones(1, 1, 4, dtype=torch.int8)  # all image: nothing forced
+    return _op(build_method("look_m", merge=merge).policy(2), query, keys, labels)
+
+
+@pytest.mark.parametrize("merge", ["avg", "pivot", "weighted"])
+def test_look_m_merges_each_evicted_token_into_its_nearest_kept_token(merge):
+    k0, k1, k2, k3 = torch.tensor([[2.0, 0.0], [0.0, 2.0], [0.9, 0.1], [0.1, 0.9]])
+    cos2, cos3 = float(torch.cosine_similarity(k2, k0, 0)), float(torch.cosine_similarity(k3, k1, 0))
+    expected = {
+        "avg": [(k0 + k2) / 2, (k1 + k3) / 2],
+        "pivot": [(k0 + (k2 + k0) / 2) / 2, (k1 + (k3 + k1) / 2) / 2],
+        "weighted": [(k0 + cos2 * k2) / 2, (k1 + cos3 * k3) / 2],
+    }[merge]
+    keys, values, labels, positions, _, weights = _merge_case(merge)
+    assert positions[0, 0].tolist() == [0, 1]
+    torch.testing.assert_close(keys[0, 0], torch.stack(expected))
+    torch.testing.assert_close(values[0, 0], torch.stack(expected))  # values follow the keys' assignment
+    assert weights[0, 0].tolist() == [2.0, 2.0]
+
+
+def test_merge_counts_keep_repeated_merges_exact():
+    """A kept slot that already stands for 2 tokens absorbs one more: the result is the mean of all 3."""
+    keys = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.2]]).view(1, 1, 3, 2)
+    weights = torch.tensor([[[2.0, 1.0, 1.0]]])
+    policy = build_method("look_m", merge="avg").policy(2).to_string()
+    labels = torch.ones(1, 1, 3, dtype=torch.int8)
+    positions = torch.arange(3).view(1, 1, 3)
+    out = torch.ops.mmkv.score_evict_merge(
+        torch.full((1, 1, 3, 2), 3.0),
+        keys,
+        keys.clone(),
+        labels,
+        positions,
+        torch.zeros(1, 1, 3),
+        weights,
+        1.0,
+        policy,
+        True,
+    )
+    assert out[3][0, 0].tolist() == [0, 1]
+    torch.testing.assert_close(out[0][0, 0, 0], (2 * keys[0, 0, 0] + keys[0, 0, 2]) / 3)
+    assert out[5][0, 0].tolist() == [3.0, 1.0]
+
+
 def test_every_method_is_listed_with_its_parameters():
     listing = mmkv_compile.methods()
     assert set(listing) == set(METHODS)
@@ -93,7 +142,7 @@ def test_every_method_is_listed_with_its_parameters():
     assert listing["adakv"]["parameters"]["alpha"] == 0.2
 
 
-CASES = [("pyramidkv", 0.5, {"window": 4}), ("adakv", 0.5, {"window": 4}), ("tova", 0.5, {})]
+CASES = [("pyramidkv", 0.5, {"window": 4}), ("adakv", 0.5, {"window": 4}), ("tova", 0.5, {}), ("look_m", 0.25, {})]
 
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_vl"])

@@ -22,14 +22,16 @@ def _state(batch=1, kv_heads=2, seq=10, dim=8, groups=2, num_new=None, dtype=tor
     labels = torch.zeros(batch, kv_heads, seq, dtype=torch.int8)
     positions = torch.arange(seq).expand(batch, kv_heads, seq).contiguous()
     scores = torch.rand(batch, kv_heads, seq)
-    return query, keys, values, labels, positions, scores
+    weights = torch.ones(batch, kv_heads, seq)
+    return query, keys, values, labels, positions, scores, weights
 
 
 def _hand_state(query: torch.Tensor, keys: torch.Tensor):
     """Text slots at positions 0..S-1 with values equal to keys and no score history."""
     seq = keys.shape[2]
     labels = torch.zeros(1, keys.shape[1], seq, dtype=torch.int8)
-    return query, keys, keys.clone(), labels, torch.arange(seq).view(1, 1, seq), torch.zeros(1, keys.shape[1], seq)
+    zeros = torch.zeros(1, keys.shape[1], seq)
+    return query, keys, keys.clone(), labels, torch.arange(seq).view(1, 1, seq), zeros, torch.ones_like(zeros)
 
 
 def _call(state, method, budget, prefill=True, scaling=None, **params):
@@ -58,15 +60,15 @@ def test_opcheck(method, budget, prefill, params):
 
 
 def test_opcheck_cache_append():
-    q, k, v, labels, positions, scores = _state(seq=6)
+    q, k, v, labels, positions, scores, weights = _state(seq=6)
     new = _state(seq=2)
-    args = (k, v, labels, positions, scores, new[1], new[2], new[3], new[4])
+    args = (k, v, labels, positions, scores, weights, new[1], new[2], new[3], new[4])
     torch.library.opcheck(torch.ops.mmkv.cache_append.default, args)
 
 
 def test_streaming_llm_keeps_sinks_and_the_most_recent():
     state = _state(seq=10)
-    _, _, labels, positions, _ = _call(state, "streaming_llm", 5, sinks=2)
+    _, _, labels, positions, _, _ = _call(state, "streaming_llm", 5, sinks=2)
     assert positions[0, 0].tolist() == [0, 1, 7, 8, 9]
     assert (labels == TEXT).all()
 
@@ -78,15 +80,8 @@ def test_snapkv_hand_computed_scores_and_kept_slots():
     keys[0, 0, :, 0] = a
     query = torch.zeros(1, 1, 6, 2)
     query[0, 0, -1] = torch.tensor([1.0, 0.0])
-    state = (
-        query,
-        keys,
-        keys.clone(),
-        torch.zeros(1, 1, 6, dtype=torch.int8),
-        torch.arange(6).view(1, 1, 6),
-        torch.zeros(1, 1, 6),
-    )
-    k, v, labels, positions, scores = _call(state, "snapkv", 3, scaling=1.0, window=1, pool="none")
+    state = _hand_state(query, keys)
+    k, v, labels, positions, scores, weights = _call(state, "snapkv", 3, scaling=1.0, window=1, pool="none")
     assert positions[0, 0].tolist() == [1, 3, 5]  # the window slot (5) is forced, then the two best scores
     expected = torch.softmax(a, 0)[[1, 3, 5]]
     torch.testing.assert_close(scores[0, 0], expected)
@@ -102,16 +97,9 @@ def test_gqa_scores_are_reduced_over_the_group_before_selection():
     query = torch.zeros(1, 2, 4, 2)
     query[0, 0, -1] = torch.tensor([1.0, 0.0])
     query[0, 1, -1] = torch.tensor([0.0, 0.5])
-    state = (
-        query,
-        keys,
-        keys.clone(),
-        torch.zeros(1, 1, 4, dtype=torch.int8),
-        torch.arange(4).view(1, 1, 4),
-        torch.zeros(1, 1, 4),
-    )
-    _, _, _, kept_mean, _ = _call(state, "snapkv", 2, scaling=1.0, window=1, pool="none", group_reduce="mean")
-    _, _, _, kept_max, _ = _call(state, "snapkv", 2, scaling=1.0, window=1, pool="none", group_reduce="max")
+    state = _hand_state(query, keys)
+    _, _, _, kept_mean, _, _ = _call(state, "snapkv", 2, scaling=1.0, window=1, pool="none", group_reduce="mean")
+    _, _, _, kept_max, _, _ = _call(state, "snapkv", 2, scaling=1.0, window=1, pool="none", group_reduce="max")
     p0 = torch.softmax(torch.tensor([0.0, 6.0, 0.0, 0.0]), 0)
     p1 = torch.softmax(torch.tensor([0.0, 0.0, 4.5, 0.0]), 0)
     best_mean = int(torch.argmax((p0 + p1)[:3]))
@@ -126,7 +114,7 @@ def test_gqa_scores_are_reduced_over_the_group_before_selection():
 def test_budget_arithmetic(budget, valid, expected):
     state = _state(seq=10)
     state[3][:, :, : 10 - valid] = INVALID
-    _, _, labels, positions, _ = _call(state, "snapkv", budget, window=1)
+    _, _, labels, positions, _, _ = _call(state, "snapkv", budget, window=1)
     kept = (labels[0] != INVALID).sum(-1)
     assert kept.tolist() == [expected, expected]
     if isinstance(budget, float):
@@ -136,7 +124,7 @@ def test_budget_arithmetic(budget, valid, expected):
 def test_text_prior_keeps_text_on_top_of_the_image_budget():
     state = _state(seq=12)
     state[3][..., 2:10] = IMAGE  # 8 image slots, 4 text slots
-    _, _, labels, positions, _ = _call(state, "text_prior", 0.25, window=2)
+    _, _, labels, positions, _, _ = _call(state, "text_prior", 0.25, window=2)
     for head in range(2):
         row = labels[0, head]
         assert int((row == TEXT).sum()) == 4 and int((row == IMAGE).sum()) == 2

@@ -12,6 +12,7 @@ from conftest import build
 
 import mmkv_compile
 from mmkv_compile.backend import rewrite_graph
+from mmkv_compile.cache import STATE_FIELDS
 from mmkv_compile.config import CompressionConfig
 
 SCORE_EVICT_MERGE = torch.ops.mmkv.score_evict_merge.default
@@ -27,6 +28,7 @@ class LayerState:
         self.labels = torch.zeros(B, HKV, past, dtype=torch.int8)
         self.positions = torch.arange(past).expand(B, HKV, past).contiguous()
         self.scores = torch.zeros(B, HKV, past)
+        self.weights = torch.ones(B, HKV, past)
 
 
 def _append(layer: LayerState, k, v):
@@ -34,9 +36,9 @@ def _append(layer: LayerState, k, v):
     labels = torch.zeros(B, HKV, num_new, dtype=torch.int8)
     positions = (torch.arange(num_new) + layer.positions.shape[-1]).expand(B, HKV, num_new).contiguous()
     state = torch.ops.mmkv.cache_append(
-        layer.keys, layer.values, layer.labels, layer.positions, layer.scores, k, v, labels, positions
+        layer.keys, layer.values, layer.labels, layer.positions, layer.scores, layer.weights, k, v, labels, positions
     )
-    layer.keys, layer.values, layer.labels, layer.positions, layer.scores = state
+    layer.keys, layer.values, layer.labels, layer.positions, layer.scores, layer.weights = state
     return state[0], state[1]
 
 
@@ -108,7 +110,7 @@ def test_prefill_site_found_and_operator_inserted(idiom):
     torch.testing.assert_close(out, expected)  # this step still attends to every token
     assert layer.keys.shape[2] == S // 2  # what is stored is compressed
     op = next(n for n in backend.graph.nodes if n.target is SCORE_EVICT_MERGE)
-    assert op.args[6] == pytest.approx(D**-0.5)  # the scale, read from the graph
+    assert op.args[1 + len(STATE_FIELDS)] == pytest.approx(D**-0.5)  # the scale, read from the graph
 
 
 @pytest.mark.parametrize("idiom", IDIOMS, ids=lambda f: f.__name__)

@@ -58,6 +58,10 @@ CASES: dict[str, dict] = {
     ),
     "adakv_per_head_budgets": dict(method="adakv", options={"window": 4}, budget=0.4, group=2, seq=45, dim=16),
     "tova_shared_across_heads": dict(method="tova", budget=12, group=2, seq=30, dim=16),
+    "look_m_pivot_merge": dict(method="look_m", budget=0.3, group=2, seq=44, dim=16, label_mix=True),
+    "look_m_avg_merge_bf16": dict(
+        method="look_m", options={"merge": "avg"}, budget=0.3, group=2, seq=37, dim=16, label_mix=True, dtype="bfloat16"
+    ),
     "tova_decode": dict(method="tova", budget=12, group=2, seq=13, dim=16, num_new=1, prefill=False),
     "dispatch_through_torch_ops": dict(
         method="snapkv", options={"window": 4}, budget=0.5, group=2, seq=33, dim=16, via_ops=True
@@ -168,9 +172,12 @@ def make_inputs(params: dict, gen: torch.Generator, device: torch.device) -> dic
     invalid = labels == -1
     positions[invalid] = torch.randint(-5, 2 * seq, (int(invalid.sum()),), generator=gen)
     scores[invalid] = 0.0
+    # Slots merged earlier stand for several tokens.
+    weights = torch.randint(1, 4, (batch, num_kv, seq), generator=gen).float()
     return dict(
         query=query.to(device), keys=keys.to(device), values=values.to(device), labels=labels.to(device),
-        positions=positions.to(device), scores=scores.to(device), scaling=dim**-0.5, prefill=prefill,
+        positions=positions.to(device), scores=scores.to(device), weights=weights.to(device),
+        scaling=dim**-0.5, prefill=prefill,
     )  # fmt: skip
 
 
@@ -183,7 +190,7 @@ def policy_string(params: dict) -> str:
 
 def compare_outputs(got, want, dtype: torch.dtype) -> str | None:
     """None when the Triton outputs match the reference's, else what differs."""
-    names = ("keys", "values", "labels", "positions", "scores")
+    names = ("keys", "values", "labels", "positions", "scores", "weights")
     problems = []
     for name, g, w in zip(names, got, want):
         if g.shape != w.shape or g.dtype != w.dtype:
@@ -191,9 +198,9 @@ def compare_outputs(got, want, dtype: torch.dtype) -> str | None:
         elif name in ("labels", "positions"):
             if not torch.equal(g, w):
                 problems.append(f"{name} differ at {(g != w).nonzero()[:5].tolist()}\n got {g}\nwant {w}")
-        elif name == "scores":
+        elif name in ("scores", "weights"):
             if not torch.allclose(g, w, rtol=1e-5, atol=1e-6):
-                problems.append(f"scores: max abs diff {(g - w).abs().max().item():.3g}")
+                problems.append(f"{name}: max abs diff {(g - w).abs().max().item():.3g}")
         elif not torch.equal(g, w):  # the gather is a copy: bit-exact in every dtype
             problems.append(f"{name}: max abs diff {(g.float() - w.float()).abs().max().item():.3g} ({dtype})")
     return "\n".join(problems) or None
@@ -212,7 +219,7 @@ def run_case(params: dict, seed: int, device: torch.device) -> str | None:
         return check_column_sums(params, inputs, gen)
 
     policy = policy_string(params)
-    args = [inputs[n] for n in ("query", "keys", "values", "labels", "positions", "scores")]
+    args = [inputs[n] for n in ("query", "keys", "values", "labels", "positions", "scores", "weights")]
     args += [inputs["scaling"], policy, inputs["prefill"]]
     chunk = ref.QUERY_CHUNK
     ref.QUERY_CHUNK = params.get("query_chunk", chunk)  # both implementations read it at call time
