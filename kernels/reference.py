@@ -130,7 +130,12 @@ def forced_stage(policy: Policy, labels: torch.Tensor, counts: torch.Tensor | No
 
 
 def budget_stage(
-    policy: Policy, labels: torch.Tensor, num_forced: torch.Tensor | None, num_new: int, prefill: bool
+    policy: Policy,
+    labels: torch.Tensor,
+    num_forced: torch.Tensor | None,
+    num_new: int,
+    prefill: bool,
+    fractions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Slots each (row, KV head) keeps: int64 ``[B, Hkv]``.
 
@@ -145,7 +150,9 @@ def budget_stage(
             pool = num_valid
         else:
             pool = num_valid - num_forced
-        if isinstance(policy.budget, int):
+        if fractions is not None:  # per-row budgets allocated across layers in the graph
+            base = (pool.double() * fractions.double().view(-1, 1)).ceil().long()
+        elif isinstance(policy.budget, int):
             base = torch.clamp(pool, max=policy.budget)
         else:
             base = ceil_fraction(pool, policy.budget_fraction())
@@ -264,18 +271,23 @@ def merge_stage(policy: Policy, state, slots: torch.Tensor, kept: torch.Tensor, 
 
 
 def select_slots(
-    policy: Policy, selection: torch.Tensor, labels: torch.Tensor, num_new: int, prefill: bool
+    policy: Policy,
+    selection: torch.Tensor,
+    labels: torch.Tensor,
+    num_new: int,
+    prefill: bool,
+    fractions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Budget, forced keep and select: the slots that survive ``[B, Hkv, out_len]`` and which are kept."""
     if policy.forced_in_budget:
-        counts = budget_stage(policy, labels, None, num_new, prefill)
+        counts = budget_stage(policy, labels, None, num_new, prefill, fractions)
         forced = forced_stage(policy, labels, counts)
         if policy.head_budget == "global_topk" and prefill:
             counts = head_budget_stage(policy, selection, labels, forced, counts)
     else:
         forced = forced_stage(policy, labels, None)
-        counts = budget_stage(policy, labels, forced.sum(-1), num_new, prefill)
-    out_len = output_length(policy, labels.shape[-1], num_new, prefill)
+        counts = budget_stage(policy, labels, forced.sum(-1), num_new, prefill, fractions)
+    out_len = None if fractions is not None else output_length(policy, labels.shape[-1], num_new, prefill)
     if out_len is None:  # forced slots come on top of the budget: the longest row sets the length
         out_len = int(counts.max()) if counts.numel() else 0
     return select_stage(selection, labels, forced, counts, out_len)
@@ -292,10 +304,11 @@ def score_evict_merge(
     scaling: float,
     policy: str,
     prefill: bool,
+    budget_fractions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Reference kernel: score, budget/keep/select, gather, merge. Outputs never alias inputs."""
     pol = Policy.from_string(policy)
     selection, new_scores = score_stage(pol, query, keys, labels, positions, scores, scaling, prefill)
-    slots, kept = select_slots(pol, selection, labels, query.shape[2], prefill)
+    slots, kept = select_slots(pol, selection, labels, query.shape[2], prefill, budget_fractions)
     state = (keys, values, labels, positions, new_scores, weights)
     return merge_stage(pol, state, slots, kept, gather_stage(state, slots, kept))

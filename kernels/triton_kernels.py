@@ -384,6 +384,7 @@ def score_evict_merge(
     scaling: float,
     policy: str,
     prefill: bool,
+    budget_fractions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Triton kernel of ``mmkv::score_evict_merge``; same signature and results as the reference.
 
@@ -393,7 +394,7 @@ def score_evict_merge(
     _check_device(keys)
     pol = Policy.from_string(policy)
     selection, new_scores = score_stage(pol, query, keys, labels, positions, scores, scaling, prefill)
-    slots, kept = ref.select_slots(pol, selection, labels, query.shape[2], prefill)
+    slots, kept = ref.select_slots(pol, selection, labels, query.shape[2], prefill, budget_fractions)
     gathered = gather_kept(keys, values, labels, positions, new_scores, slots, kept)
     kept_weights = torch.where(kept, weights.gather(2, slots), 0.0)
     state = (keys, values, labels, positions, new_scores, weights)

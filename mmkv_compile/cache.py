@@ -89,8 +89,18 @@ class MMKVLayer(CacheLayerMixin):
         return 0 if self.keys is None else self.keys.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """Masks are sized by the stored slots (the backend rebuilds masks over compressed slots)."""
-        return self.get_physical_length() + query_length, 0
+        """Sizes of the mask transformers builds for this layer's attention.
+
+        Uncompressed, it is the usual mask over the stored slots. Once eviction has run, the backend
+        replaces every compressed layer's mask with one built from its slots, and layers may hold
+        different numbers of slots (per-layer budgets) while transformers builds one mask for all of
+        them: the layer then asks for a single column at the newest token, which broadcasts over any
+        layer's slots and is never used.
+        """
+        physical = self.get_physical_length()
+        if physical < self.logical_length:
+            return 1, self.logical_length + query_length - 1
+        return physical + query_length, 0
 
     def get_max_length(self) -> int:
         return -1
@@ -173,6 +183,13 @@ class MMKVCache(Cache):
     def mmkv_layers(self) -> list[MMKVLayer]:
         """The layers mmkv compresses (full attention); sliding or chunked layers stay transformers' own."""
         return [layer for layer in self.layers if isinstance(layer, MMKVLayer)]
+
+    def last_mmkv_layer(self) -> int:
+        """Index of the last layer mmkv compresses (the decoder's last layer unless it is sliding/chunked)."""
+        count = self.num_decoder_layers or len(self.layers)
+        if len(self.layers) >= count:
+            return max(i for i, layer in enumerate(self.layers) if isinstance(layer, MMKVLayer))
+        return count - 1
 
     def get_physical_length(self, layer_idx: int = 0) -> int:
         """Slots stored in a layer (the logical length is :meth:`get_seq_length`)."""

@@ -76,9 +76,13 @@ def score_evict_merge(
     scaling: float,
     policy: str,
     prefill: bool,
+    budget_fractions: torch.Tensor | None = None,
 ) -> State:
     """Score every cached slot, keep the policy's budget, merge what the policy merges; return the kept
     (keys, values, labels, positions, scores, weights).
+
+    ``budget_fractions`` (float ``[B]``), when given, replaces the policy's budget for each row: the
+    per-layer budgets a cross-layer allocation (MEDA) computes in the graph.
 
     ``query`` holds the step's queries (the last ``query.shape[2]`` slots); ``policy`` is a
     :class:`~mmkv_compile.policy.Policy` string; ``prefill`` says the cache held nothing before this step.
@@ -86,18 +90,46 @@ def score_evict_merge(
     if kernel_choice(keys.device) == "triton":
         from mmkv_compile.kernels import triton_kernels
 
-        return triton_kernels.score_evict_merge(
-            query, keys, values, labels, positions, scores, weights, scaling, policy, prefill
-        )
-    return reference.score_evict_merge(
-        query, keys, values, labels, positions, scores, weights, scaling, policy, prefill
-    )
+        kernel = triton_kernels.score_evict_merge
+    else:
+        kernel = reference.score_evict_merge
+    return kernel(query, keys, values, labels, positions, scores, weights, scaling, policy, prefill, budget_fractions)
 
 
 @score_evict_merge.register_fake
-def _score_evict_merge_fake(query, keys, values, labels, positions, scores, weights, scaling, policy, prefill):
+def _score_evict_merge_fake(
+    query, keys, values, labels, positions, scores, weights, scaling, policy, prefill, budget_fractions=None
+):
     pol = Policy.from_string(policy)
-    kept = output_length(pol, keys.shape[2], query.shape[2], prefill)
+    kept = None if budget_fractions is not None else output_length(pol, keys.shape[2], query.shape[2], prefill)
     if kept is None:
         kept = torch.library.get_ctx().new_dynamic_size(min=0, max=keys.shape[2])
     return _with_length((keys, values, labels, positions, scores, weights), kept)
+
+
+@torch.library.custom_op("mmkv::layer_entropy", mutates_args=())
+def layer_entropy(
+    query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, scaling: float, signal: str
+) -> torch.Tensor:
+    """A layer's attention entropy per row ``[B]`` (MEDA's signal for per-layer budgets)."""
+    from mmkv_compile.kernels import entropy
+
+    return entropy.layer_entropy(query, keys, labels, positions, scaling, signal)
+
+
+@layer_entropy.register_fake
+def _layer_entropy_fake(query, keys, labels, positions, scaling, signal):
+    return keys.new_empty((keys.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("mmkv::allocate_layer_budgets", mutates_args=())
+def allocate_layer_budgets(entropies: list[torch.Tensor], budget: float, floor: float) -> torch.Tensor:
+    """Per-layer budget fractions ``[L, B]`` from each layer's entropy ``[B]``, averaging to ``budget``."""
+    from mmkv_compile.kernels import entropy
+
+    return entropy.allocate_layer_budgets(torch.stack(entropies), budget, floor)
+
+
+@allocate_layer_budgets.register_fake
+def _allocate_fake(entropies, budget, floor):
+    return entropies[0].new_empty((len(entropies), entropies[0].shape[0]))

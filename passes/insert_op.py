@@ -17,6 +17,8 @@ from mmkv_compile.passes.graph_utils import example_value
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
 
 SCORE_EVICT_MERGE = torch.ops.mmkv.score_evict_merge.default
+LAYER_ENTROPY = torch.ops.mmkv.layer_entropy.default
+ALLOCATE_LAYER_BUDGETS = torch.ops.mmkv.allocate_layer_budgets.default
 
 
 def is_prefill(state: fx.Node) -> bool:
@@ -35,7 +37,13 @@ def state_outputs(state: fx.Node) -> dict[int, fx.Node]:
 
 
 class InsertScoreEvictMerge(GraphPass):
-    """One operator per cache update the policy compresses at this step; match count = operators inserted."""
+    """One operator per cache update the policy compresses at this step; match count = operators inserted.
+
+    A per-layer allocation that needs every layer first (``layer_schedule="entropy"``, MEDA) is built in
+    two phases inside the prefill graph: an entropy node at each layer's site, one allocation node after
+    the last layer, then each layer's operator, fed its budget, just before the graph's outputs (the
+    step's own attention never needs the compressed state, so nothing waits for it).
+    """
 
     name = "insert_score_evict_merge"
 
@@ -44,7 +52,8 @@ class InsertScoreEvictMerge(GraphPass):
         output = next(n for n in gm.graph.nodes if n.op == "output")
         cached_layers = [s.layer for s in ctx.sites if s.cache not in ("none", "unknown") and s.layer is not None]
         num_layers = max(cached_layers) + 1 if cached_layers else 1
-        inserted: dict[fx.Node, fx.Node] = {}
+        handled: set[fx.Node] = set()
+        deferred: list[tuple] = []
         for site in ctx.sites:
             if site.cache != "mmkv" or site.reason:
                 continue
@@ -55,26 +64,45 @@ class InsertScoreEvictMerge(GraphPass):
             if not prefill and not policy.evict_while_decoding:
                 site.reason = f"{policy.method} compresses the prompt only; this step appends"
                 continue
-            if site.state in inserted:  # several attention calls read one cache update
+            if site.state in handled:  # several attention calls read one cache update
                 site.evicts = True
                 continue
             if policy.layer_schedule != "uniform" and site.layer is None:
                 site.reason = "a per-layer budget schedule needs the layer index, which the graph does not give"
                 continue
-            policy_text = policy.at_layer(site.layer or 0, num_layers).to_string()
             getters = state_outputs(site.state)
-            with gm.graph.inserting_before(site.anchor):
-                op = gm.graph.call_function(
-                    SCORE_EVICT_MERGE,
-                    (site.query, *(self._getter(gm, site.state, getters, i) for i in range(len(STATE_FIELDS))),
-                     float(site.scaling), policy_text, prefill),
-                )  # fmt: skip
-                kept = [gm.graph.call_function(operator.getitem, (op, i)) for i in range(len(STATE_FIELDS))]
-            for i, getter in getters.items():
-                output.replace_input_with(getter, kept[i])
-            inserted[site.state] = op
+            state = [self._getter(gm, site.state, getters, i) for i in range(len(STATE_FIELDS))]
+            layer_policy = policy.at_layer(site.layer or 0, num_layers).to_string()
+            if policy.layer_schedule == "entropy" and prefill:
+                with gm.graph.inserting_before(site.anchor):
+                    entropy = gm.graph.call_function(
+                        LAYER_ENTROPY,
+                        (site.query, state[0], state[2], state[3], float(site.scaling), policy.entropy_signal),
+                    )
+                deferred.append((site, state, getters, layer_policy, entropy))
+            else:
+                with gm.graph.inserting_before(site.anchor):
+                    self._insert(gm, output, site, state, getters, layer_policy, prefill)
+            handled.add(site.state)
             site.evicts = True
-        return len(inserted)
+        if deferred:
+            with gm.graph.inserting_before(output):
+                budgets = gm.graph.call_function(
+                    ALLOCATE_LAYER_BUDGETS, ([d[4] for d in deferred], float(policy.budget), float(policy.layer_floor))
+                )
+                for number, (site, state, getters, layer_policy, _) in enumerate(deferred):
+                    fraction = gm.graph.call_function(operator.getitem, (budgets, number))
+                    self._insert(gm, output, site, state, getters, layer_policy, True, fraction)
+        return len(handled)
+
+    @staticmethod
+    def _insert(gm, output, site, state, getters, policy_text: str, prefill: bool, fraction=None) -> None:
+        """The operator on this layer's full state; the graph then stores its outputs instead."""
+        args = (site.query, *state, float(site.scaling), policy_text, prefill)
+        op = gm.graph.call_function(SCORE_EVICT_MERGE, args if fraction is None else (*args, fraction))
+        kept = [gm.graph.call_function(operator.getitem, (op, i)) for i in range(len(STATE_FIELDS))]
+        for i, getter in getters.items():
+            output.replace_input_with(getter, kept[i])
 
     @staticmethod
     def _getter(gm: fx.GraphModule, state: fx.Node, getters: dict[int, fx.Node], index: int) -> fx.Node:

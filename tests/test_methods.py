@@ -3,6 +3,8 @@ the eagerly called operator on LLaVA and Qwen2-VL."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import build, generate
@@ -135,6 +137,101 @@ def test_merge_counts_keep_repeated_merges_exact():
     assert out[5][0, 0].tolist() == [3.0, 1.0]
 
 
+def test_layer_entropy_hand_computed():
+    """Equal keys give uniform attention: each query row's entropy is log(number of keys it sees)."""
+    from mmkv_compile.kernels.entropy import layer_entropy
+
+    seq = 6
+    keys = torch.ones(1, 1, seq, 2)
+    query = torch.ones(1, 1, seq, 2)
+    labels = torch.tensor([[[0, 1, 1, 1, 0, 0]]], dtype=torch.int8)  # text, 3 image, 2 text
+    positions = torch.arange(seq).view(1, 1, seq)
+    full = layer_entropy(query, keys, labels, positions, 1.0, "attention")
+    expected = sum(math.log(n) for n in range(1, seq + 1)) / seq
+    torch.testing.assert_close(full, torch.tensor([expected]))
+    # Cross-modal: text rows 4, 5 see the 3 image keys (log 3); image rows 1-3 see text key 0 (log 1 = 0).
+    cross = layer_entropy(query, keys, labels, positions, 1.0, "cross_modal")
+    torch.testing.assert_close(cross, torch.tensor([math.log(3)]))
+
+
+def test_meda_allocation_follows_entropy_and_keeps_the_total():
+    from mmkv_compile.kernels.entropy import allocate_layer_budgets
+
+    torch.manual_seed(0)
+    entropies = torch.randn(30, 3) * 2
+    fractions = allocate_layer_budgets(entropies, 0.2, 0.01)
+    torch.testing.assert_close(fractions.mean(0), torch.full((3,), 0.2))
+    assert float(fractions.min()) >= 0.01 - 1e-7 and float(fractions.max()) <= 1.0  # float32 storage
+    order = entropies[:, 0].argsort()
+    assert torch.all(fractions[order, 0].diff() >= -1e-6)  # more entropy, more budget
+    capped = allocate_layer_budgets(torch.tensor([[9.0], [0.0], [0.0], [0.0]]), 0.6, 0.01)
+    torch.testing.assert_close(
+        capped[:, 0], torch.tensor([1.0, 0.6 * 4 / 3 - 1 / 3, 0.6 * 4 / 3 - 1 / 3, 0.6 * 4 / 3 - 1 / 3])
+    )
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_meda_layer_budgets_sum_to_the_total(name):
+    tiny = build(name, layers=4)
+    model = mmkv_compile.compile(build(name, layers=4).model, "meda", 0.25, inductor=False)
+    _, _, cache = generate(model, tiny.inputs, 2)
+    images = tiny.num_image_tokens
+    kept = [int((layer.labels[0, 0] == 1).sum()) for layer in cache.mmkv_layers]
+    text = int((tiny.inputs["input_ids"][0] != tiny.image_token_id).sum())
+    assert all(int((layer.labels[0, 0] == 0).sum()) == text + 1 for layer in cache.mmkv_layers)  # all text kept
+    assert 4 * images * 0.25 <= sum(kept) <= 4 * images * 0.25 + 4  # one ceil per layer
+
+
+def _cross_modal_entropy(attentions, visual: torch.Tensor) -> torch.Tensor:
+    """MEDA's layer signal computed from a model's own attention probabilities ``[1, H, n, n]`` per layer:
+    entropy of text rows renormalized over visual keys plus visual rows over text keys, causal."""
+    n = visual.shape[0]
+    causal = torch.ones(n, n).tril().bool()
+    signal = []
+    for probs in attentions:
+        total = 0.0
+        for rows, keys in ((~visual, visual), (visual, ~visual)):
+            block = probs[0][:, rows][:, :, keys] * causal[rows][:, keys]
+            mass = block.sum(-1, keepdim=True)
+            seen = (mass > 0).squeeze(-1)
+            p = block / mass.clamp(min=1e-30)
+            entropy = -(p * torch.log(p.clamp(min=1e-30))).sum(-1)
+            total += float(entropy[seen].mean()) if seen.any() else 0.0
+        signal.append(total)
+    return torch.tensor(signal).view(-1, 1)
+
+
+def test_meda_budgets_follow_the_models_own_attention_entropy():
+    """Independent of the operator's code: entropies from the uncompiled model's attention maps
+    (output_attentions) set the per-layer image budgets the compiled model keeps."""
+    from mmkv_compile.kernels.entropy import allocate_layer_budgets
+
+    def sharpened():
+        tiny = build("llava", "eager", layers=4)
+        for index, layer in enumerate(tiny.model.model.language_model.layers):
+            layer.self_attn.q_proj.weight.data *= 20.0**index  # later layers attend more sharply
+        return tiny
+
+    tiny = sharpened()
+    with torch.no_grad():
+        attentions = tiny.model(**tiny.inputs, output_attentions=True).attentions
+    visual = tiny.inputs["input_ids"][0] == tiny.image_token_id
+    fractions = allocate_layer_budgets(_cross_modal_entropy(attentions, visual), 0.25, 0.01)[:, 0]
+    assert float(fractions.max() - fractions.min()) > 0.05  # the layers really differ
+    model = mmkv_compile.compile(sharpened().model, "meda", 0.25, inductor=False)
+    _, _, cache = generate(model, tiny.inputs, 1)
+    images = int(visual.sum())
+    for layer, fraction in zip(cache.mmkv_layers, fractions.tolist(), strict=True):
+        kept = int((layer.labels[0, 0] == 1).sum())
+        expected = fraction * images
+        assert kept == math.ceil(expected) or abs(expected - round(expected)) < 1e-3
+
+
+def test_meda_rejects_an_int_budget():
+    with pytest.raises(ValueError, match="meda: budget must be a float"):
+        mmkv_compile.compile(build("llava").model, "meda", 64)
+
+
 def test_every_method_is_listed_with_its_parameters():
     listing = mmkv_compile.methods()
     assert set(listing) == set(METHODS)
@@ -142,7 +239,13 @@ def test_every_method_is_listed_with_its_parameters():
     assert listing["adakv"]["parameters"]["alpha"] == 0.2
 
 
-CASES = [("pyramidkv", 0.5, {"window": 4}), ("adakv", 0.5, {"window": 4}), ("tova", 0.5, {}), ("look_m", 0.25, {})]
+CASES = [
+    ("pyramidkv", 0.5, {"window": 4}),
+    ("adakv", 0.5, {"window": 4}),
+    ("tova", 0.5, {}),
+    ("look_m", 0.25, {}),
+    ("meda", 0.25, {}),
+]
 
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_vl"])

@@ -7,6 +7,7 @@ from mmkv_compile.methods.base import Method
 from mmkv_compile.methods.full import Full
 from mmkv_compile.methods.h2o import H2O
 from mmkv_compile.methods.look_m import LookM
+from mmkv_compile.methods.meda import MEDA
 from mmkv_compile.methods.pyramidkv import PyramidKV
 from mmkv_compile.methods.snapkv import SnapKV
 from mmkv_compile.methods.streaming_llm import StreamingLLM
@@ -14,7 +15,7 @@ from mmkv_compile.methods.text_prior import TextPrior
 from mmkv_compile.methods.tova import TOVA
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, SnapKV, H2O, TextPrior, PyramidKV, AdaKV, TOVA, LookM)
+    cls.name: cls for cls in (Full, StreamingLLM, SnapKV, H2O, TextPrior, PyramidKV, AdaKV, TOVA, LookM, MEDA)
 }
 
 
