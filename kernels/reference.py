@@ -14,6 +14,7 @@ from mmkv_compile.labels import Modality
 from mmkv_compile.policy import Policy, ceil_fraction, output_length, scheduled
 
 INVALID = int(Modality.INVALID)
+TEXT = int(Modality.TEXT)
 QUERY_CHUNK = 256  # queries scored at once by the all-queries score, to bound memory
 MERGE_CHUNK = 1024  # evicted slots compared with the kept ones at once, to bound memory
 
@@ -25,6 +26,15 @@ def visible_keys(labels: torch.Tensor, positions: torch.Tensor, query_slots: tor
     key_valid = labels != INVALID
     causal = positions.unsqueeze(-2) <= query_pos.unsqueeze(-1)
     return causal & key_valid.unsqueeze(-2) & query_valid.unsqueeze(-1)
+
+
+def post_vision_queries(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B, Hkv, S]``: valid slots after the last image/video slot of their row (every valid slot
+    when a row has none)."""
+    valid = labels != INVALID
+    visual = valid & (labels != TEXT)
+    last_visual = torch.where(visual, positions, -1).amax(dim=-1, keepdim=True)
+    return valid & (positions > last_visual)
 
 
 def attention_probs(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -46,8 +56,10 @@ def attention_column_sums(
     num_queries: int,
     scaling: float,
     group_reduce: str = "mean",
+    query_ok: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention each key slot receives from the last ``num_queries`` queries, summed: ``[B, Hkv, S]``."""
+    """Attention each key slot receives from the last ``num_queries`` queries, summed: ``[B, Hkv, S]``.
+    ``query_ok`` (bool ``[B, Hkv, S]``) restricts the sum to some query slots."""
     seq = keys.shape[2]
     num_new = query.shape[2]
     group = query.shape[1] // keys.shape[1]
@@ -56,6 +68,8 @@ def attention_column_sums(
         stop = min(start + QUERY_CHUNK, num_new)
         slots = torch.arange(seq - num_new + start, seq - num_new + stop, device=keys.device)
         probs = attention_probs(query[:, :, start:stop], keys, visible_keys(labels, positions, slots), scaling)
+        if query_ok is not None:
+            probs = probs * query_ok[..., slots].unsqueeze(2).unsqueeze(-1)
         per_head += probs.sum(dim=3)
     # The GQA group is reduced after summing over every query, so chunking never changes the result.
     return per_head.amax(dim=2) if group_reduce == "max" else per_head.mean(dim=2)
@@ -97,6 +111,11 @@ def score_stage(
     elif policy.score in ("window", "all_queries"):
         num_queries = min(policy.window, num_new) if policy.score == "window" else num_new
         fresh = column_sums(query, keys, labels, positions, num_queries, scaling, policy.group_reduce)
+    elif policy.score == "post_vision":  # VL-Cache: the language queries after the last image (in torch)
+        post_vision = post_vision_queries(labels, positions)
+        fresh = attention_column_sums(
+            query, keys, labels, positions, num_new, scaling, policy.group_reduce, post_vision
+        )
     else:
         raise ValueError(f"unknown score stage {policy.score!r}")
     if policy.accumulate and not prefill:

@@ -172,7 +172,7 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     )
     if policy.method == "full" or not (prefill or policy.evict_while_decoding):
         return out.transpose(1, 2).contiguous(), None
-    if policy.layer_schedule == "entropy" and prefill:
+    if policy.layer_schedule == "allocated" and prefill:
         _defer_until_last_layer(cache, layer, module.layer_idx, query, float(scaling), policy)
     else:
         state = torch.ops.mmkv.score_evict_merge(query, *layer.state(), float(scaling), policy.to_string(), prefill)
@@ -181,17 +181,17 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
 
 
 def _defer_until_last_layer(cache: MMKVCache, layer: MMKVLayer, layer_idx: int, query, scaling: float, policy) -> None:
-    """Cross-layer allocation, eagerly: note each layer's entropy; after the last compressible layer,
+    """Cross-layer allocation, eagerly: note each layer's signal; after the last compressible layer,
     allocate the budgets and compress every noted layer (what the passes build into the prefill graph)."""
     pending = cache.__dict__.setdefault("_pending_layers", [])
-    entropy = torch.ops.mmkv.layer_entropy(
-        query, layer.keys, layer.labels, layer.positions, scaling, policy.entropy_signal
-    )
-    pending.append((layer, query, scaling, policy, entropy))
+    signal = torch.ops.mmkv.layer_signal(query, layer.keys, layer.labels, layer.positions, scaling, policy.layer_signal)
+    pending.append((layer, query, scaling, policy, signal))
     if layer_idx != cache.last_mmkv_layer():
         return
-    entropies = [noted[4] for noted in pending]
-    budgets = torch.ops.mmkv.allocate_layer_budgets(entropies, float(policy.budget), float(policy.layer_floor))
+    signals = [noted[4] for noted in pending]
+    budgets = torch.ops.mmkv.allocate_layer_budgets(
+        signals, float(policy.budget), float(policy.layer_floor), policy.allocation
+    )
     for number, (noted, noted_query, noted_scaling, noted_policy, _) in enumerate(pending):
         state = torch.ops.mmkv.score_evict_merge(
             noted_query, *noted.state(), noted_scaling, noted_policy.to_string(), True, budgets[number]

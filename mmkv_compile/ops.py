@@ -107,29 +107,29 @@ def _score_evict_merge_fake(
     return _with_length((keys, values, labels, positions, scores, weights), kept)
 
 
-@torch.library.custom_op("mmkv::layer_entropy", mutates_args=())
-def layer_entropy(
+@torch.library.custom_op("mmkv::layer_signal", mutates_args=())
+def layer_signal(
     query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, scaling: float, signal: str
 ) -> torch.Tensor:
-    """A layer's attention entropy per row ``[B]`` (MEDA's signal for per-layer budgets)."""
-    from mmkv_compile.kernels import entropy
+    """What a layer's attention measures per row ``[B]``, for budgets allocated across layers (MEDA, VL-Cache)."""
+    from mmkv_compile.kernels import layer_signals
 
-    return entropy.layer_entropy(query, keys, labels, positions, scaling, signal)
+    return layer_signals.layer_signal(query, keys, labels, positions, scaling, signal)
 
 
-@layer_entropy.register_fake
-def _layer_entropy_fake(query, keys, labels, positions, scaling, signal):
+@layer_signal.register_fake
+def _layer_signal_fake(query, keys, labels, positions, scaling, signal):
     return keys.new_empty((keys.shape[0],), dtype=torch.float32)
 
 
 @torch.library.custom_op("mmkv::allocate_layer_budgets", mutates_args=())
-def allocate_layer_budgets(entropies: list[torch.Tensor], budget: float, floor: float) -> torch.Tensor:
-    """Per-layer budget fractions ``[L, B]`` from each layer's entropy ``[B]``, averaging to ``budget``."""
-    from mmkv_compile.kernels import entropy
+def allocate_layer_budgets(signals: list[torch.Tensor], budget: float, floor: float, rule: str) -> torch.Tensor:
+    """Per-layer budget fractions ``[L, B]`` from each layer's signal ``[B]``, averaging to ``budget``."""
+    from mmkv_compile.kernels import layer_signals
 
-    return entropy.allocate_layer_budgets(torch.stack(entropies), budget, floor)
+    return layer_signals.allocate_layer_budgets(torch.stack(signals), budget, floor, rule)
 
 
 @allocate_layer_budgets.register_fake
-def _allocate_fake(entropies, budget, floor):
-    return entropies[0].new_empty((len(entropies), entropies[0].shape[0]))
+def _allocate_fake(signals, budget, floor, rule):
+    return signals[0].new_empty((len(signals), signals[0].shape[0]))

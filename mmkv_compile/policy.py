@@ -22,11 +22,12 @@ from functools import lru_cache
 
 import torch
 
-SCORES = ("none", "position", "window", "all_queries")
+SCORES = ("none", "position", "window", "all_queries", "post_vision")
 POOLS = ("none", "max", "avg")
 GROUP_REDUCTIONS = ("mean", "max")
-LAYER_SCHEDULES = ("uniform", "pyramid", "entropy")
-ENTROPY_SIGNALS = ("cross_modal", "attention")
+LAYER_SCHEDULES = ("uniform", "pyramid", "allocated")
+LAYER_SIGNALS = ("cross_modal", "attention", "density")
+ALLOCATIONS = ("softmax", "proportional")
 HEAD_BUDGETS = ("uniform", "global_topk")
 MERGES = ("none", "avg", "pivot", "weighted")
 
@@ -53,8 +54,9 @@ class Policy:
     share_across_heads: bool = False  # one token set per layer: scores averaged over KV heads (TOVA)
     layer_schedule: str = "uniform"  # how the budget is spread over layers
     pyramid_beta: float = 20.0
-    entropy_signal: str = "cross_modal"  # layer_schedule="entropy": which attention entropy ranks layers
-    layer_floor: float = 0.01  # layer_schedule="entropy": the smallest per-layer fraction
+    layer_signal: str = "cross_modal"  # layer_schedule="allocated": what each layer measures (see layer_signals)
+    allocation: str = "softmax"  # layer_schedule="allocated": how the signals become budgets
+    layer_floor: float = 0.01  # layer_schedule="allocated": the smallest per-layer fraction
     head_budget: str = "uniform"  # how a layer's budget is spread over KV heads
     head_floor: float = 0.2  # global_topk: share of each head's uniform budget it always gets (AdaKV's alpha)
     layer: int = 0  # set per attention site by the passes
@@ -84,7 +86,7 @@ class Policy:
         layer; the shares average to 1, so the layers' budgets sum to the configured total.
         """
         if self.layer_schedule != "pyramid" or self.num_layers <= 1:
-            return Fraction(1)  # the entropy schedule's budgets arrive as per-row fractions instead
+            return Fraction(1)  # an allocated schedule's budgets arrive as per-row fractions instead
         beta = Fraction(self.pyramid_beta).limit_denominator(1 << 12)
         top, bottom = 2 - 1 / beta, 1 / beta
         return top - (top - bottom) * self.layer / (self.num_layers - 1)

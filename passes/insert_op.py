@@ -17,7 +17,7 @@ from mmkv_compile.passes.graph_utils import example_value
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
 
 SCORE_EVICT_MERGE = torch.ops.mmkv.score_evict_merge.default
-LAYER_ENTROPY = torch.ops.mmkv.layer_entropy.default
+LAYER_SIGNAL = torch.ops.mmkv.layer_signal.default
 ALLOCATE_LAYER_BUDGETS = torch.ops.mmkv.allocate_layer_budgets.default
 
 
@@ -39,8 +39,8 @@ def state_outputs(state: fx.Node) -> dict[int, fx.Node]:
 class InsertScoreEvictMerge(GraphPass):
     """One operator per cache update the policy compresses at this step; match count = operators inserted.
 
-    A per-layer allocation that needs every layer first (``layer_schedule="entropy"``, MEDA) is built in
-    two phases inside the prefill graph: an entropy node at each layer's site, one allocation node after
+    A per-layer allocation that needs every layer first (``layer_schedule="allocated"``: MEDA, VL-Cache) is
+    built in two phases inside the prefill graph: a signal node at each layer's site, one allocation node after
     the last layer, then each layer's operator, fed its budget, just before the graph's outputs (the
     step's own attention never needs the compressed state, so nothing waits for it).
     """
@@ -73,13 +73,13 @@ class InsertScoreEvictMerge(GraphPass):
             getters = state_outputs(site.state)
             state = [self._getter(gm, site.state, getters, i) for i in range(len(STATE_FIELDS))]
             layer_policy = policy.at_layer(site.layer or 0, num_layers).to_string()
-            if policy.layer_schedule == "entropy" and prefill:
+            if policy.layer_schedule == "allocated" and prefill:
                 with gm.graph.inserting_before(site.anchor):
-                    entropy = gm.graph.call_function(
-                        LAYER_ENTROPY,
-                        (site.query, state[0], state[2], state[3], float(site.scaling), policy.entropy_signal),
+                    signal = gm.graph.call_function(
+                        LAYER_SIGNAL,
+                        (site.query, state[0], state[2], state[3], float(site.scaling), policy.layer_signal),
                     )
-                deferred.append((site, state, getters, layer_policy, entropy))
+                deferred.append((site, state, getters, layer_policy, signal))
             else:
                 with gm.graph.inserting_before(site.anchor):
                     self._insert(gm, output, site, state, getters, layer_policy, prefill)
@@ -88,7 +88,8 @@ class InsertScoreEvictMerge(GraphPass):
         if deferred:
             with gm.graph.inserting_before(output):
                 budgets = gm.graph.call_function(
-                    ALLOCATE_LAYER_BUDGETS, ([d[4] for d in deferred], float(policy.budget), float(policy.layer_floor))
+                    ALLOCATE_LAYER_BUDGETS,
+                    ([d[4] for d in deferred], float(policy.budget), float(policy.layer_floor), policy.allocation),
                 )
                 for number, (site, state, getters, layer_policy, _) in enumerate(deferred):
                     fraction = gm.graph.call_function(operator.getitem, (budgets, number))

@@ -137,25 +137,25 @@ def test_merge_counts_keep_repeated_merges_exact():
     assert out[5][0, 0].tolist() == [3.0, 1.0]
 
 
-def test_layer_entropy_hand_computed():
+def test_layer_entropy_signals_hand_computed():
     """Equal keys give uniform attention: each query row's entropy is log(number of keys it sees)."""
-    from mmkv_compile.kernels.entropy import layer_entropy
+    from mmkv_compile.kernels.layer_signals import layer_signal
 
     seq = 6
     keys = torch.ones(1, 1, seq, 2)
     query = torch.ones(1, 1, seq, 2)
     labels = torch.tensor([[[0, 1, 1, 1, 0, 0]]], dtype=torch.int8)  # text, 3 image, 2 text
     positions = torch.arange(seq).view(1, 1, seq)
-    full = layer_entropy(query, keys, labels, positions, 1.0, "attention")
+    full = layer_signal(query, keys, labels, positions, 1.0, "attention")
     expected = sum(math.log(n) for n in range(1, seq + 1)) / seq
     torch.testing.assert_close(full, torch.tensor([expected]))
     # Cross-modal: text rows 4, 5 see the 3 image keys (log 3); image rows 1-3 see text key 0 (log 1 = 0).
-    cross = layer_entropy(query, keys, labels, positions, 1.0, "cross_modal")
+    cross = layer_signal(query, keys, labels, positions, 1.0, "cross_modal")
     torch.testing.assert_close(cross, torch.tensor([math.log(3)]))
 
 
 def test_meda_allocation_follows_entropy_and_keeps_the_total():
-    from mmkv_compile.kernels.entropy import allocate_layer_budgets
+    from mmkv_compile.kernels.layer_signals import allocate_layer_budgets
 
     torch.manual_seed(0)
     entropies = torch.randn(30, 3) * 2
@@ -204,7 +204,7 @@ def _cross_modal_entropy(attentions, visual: torch.Tensor) -> torch.Tensor:
 def test_meda_budgets_follow_the_models_own_attention_entropy():
     """Independent of the operator's code: entropies from the uncompiled model's attention maps
     (output_attentions) set the per-layer image budgets the compiled model keeps."""
-    from mmkv_compile.kernels.entropy import allocate_layer_budgets
+    from mmkv_compile.kernels.layer_signals import allocate_layer_budgets
 
     def sharpened():
         tiny = build("llava", "eager", layers=4)
@@ -227,6 +227,38 @@ def test_meda_budgets_follow_the_models_own_attention_entropy():
         assert kept == math.ceil(expected) or abs(expected - round(expected)) < 1e-3
 
 
+def test_density_signal_and_post_vision_scores_hand_computed():
+    """Keys [0,1,2 text, 3,4 image, 5,6 text]; the post-vision queries are slots 5 and 6. Key 1 is huge
+    for every query, so each row has one dominant entry and the rest fall under 1% of its maximum."""
+    from mmkv_compile.kernels.layer_signals import layer_signal
+    from mmkv_compile.kernels.reference import post_vision_queries
+
+    seq = 7
+    labels = torch.tensor([[[0, 0, 0, 1, 1, 0, 0]]], dtype=torch.int8)
+    positions = torch.arange(seq).view(1, 1, seq)
+    assert post_vision_queries(labels, positions)[0, 0].tolist() == [False] * 5 + [True, True]
+    keys = torch.zeros(1, 1, seq, 2)
+    keys[0, 0, 1, 0] = 20.0
+    query = torch.zeros(1, 1, seq, 2)
+    query[..., 0] = 1.0
+    density = layer_signal(query, keys, labels, positions, 1.0, "density")
+    torch.testing.assert_close(density, torch.tensor([(1 / 6 + 1 / 7) / 2]))  # one dense entry per row
+    policy = build_method("vl_cache").policy(0.5)
+    _, _, _, kept, _, _ = _op(policy, query, keys, labels, positions)
+    assert 1 in kept[0, 0].tolist()  # the key the post-vision queries attend to
+
+
+def test_proportional_allocation_keeps_the_total():
+    from mmkv_compile.kernels.layer_signals import allocate_layer_budgets
+
+    densities = torch.tensor([[0.1], [0.2], [0.3], [0.4]])
+    fractions = allocate_layer_budgets(densities, 0.25, 0.01, "proportional")[:, 0]
+    torch.testing.assert_close(fractions, torch.tensor([0.1, 0.2, 0.3, 0.4]))  # proportional, mean 0.25
+    capped = allocate_layer_budgets(torch.tensor([[0.7], [0.1], [0.1], [0.1]]), 0.5, 0.01, "proportional")[:, 0]
+    torch.testing.assert_close(capped.mean(), torch.tensor(0.5))
+    assert float(capped[0]) == 1.0
+
+
 def test_meda_rejects_an_int_budget():
     with pytest.raises(ValueError, match="meda: budget must be a float"):
         mmkv_compile.compile(build("llava").model, "meda", 64)
@@ -245,6 +277,7 @@ CASES = [
     ("tova", 0.5, {}),
     ("look_m", 0.25, {}),
     ("meda", 0.25, {}),
+    ("vl_cache", 0.25, {}),
 ]
 
 

@@ -13,9 +13,10 @@ from mmkv_compile.methods.snapkv import SnapKV
 from mmkv_compile.methods.streaming_llm import StreamingLLM
 from mmkv_compile.methods.text_prior import TextPrior
 from mmkv_compile.methods.tova import TOVA
+from mmkv_compile.methods.vl_cache import VLCache
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, SnapKV, H2O, TextPrior, PyramidKV, AdaKV, TOVA, LookM, MEDA)
+    cls.name: cls for cls in (Full, StreamingLLM, SnapKV, H2O, TextPrior, PyramidKV, AdaKV, TOVA, LookM, MEDA, VLCache)
 }
 
 

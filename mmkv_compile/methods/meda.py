@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 from mmkv_compile.labels import Modality
 from mmkv_compile.methods.base import Method, check_choice
-from mmkv_compile.policy import ENTROPY_SIGNALS, Policy
+from mmkv_compile.policy import Policy
+
+SIGNALS = ("cross_modal", "attention")
 
 MERGE_RULES = ("avg", "pivot", "weighted", "none")
 
@@ -29,7 +31,7 @@ class MEDA(Method):
             raise ValueError(
                 f"meda: budget must be a float in (0, 1] (layers get fractions of their image tokens), got {budget!r}"
             )
-        check_choice(self.name, "signal", self.signal, ENTROPY_SIGNALS)
+        check_choice(self.name, "signal", self.signal, SIGNALS)
         check_choice(self.name, "merge", self.merge, MERGE_RULES)
         if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0 < self.floor <= budget:
             raise ValueError(
@@ -39,6 +41,6 @@ class MEDA(Method):
     def policy(self, budget: float | int) -> Policy:
         return Policy(
             method=self.name, budget=budget, score="all_queries", keep_labels=(int(Modality.TEXT),),
-            forced_in_budget=False, merge=self.merge, layer_schedule="entropy", entropy_signal=self.signal,
+            forced_in_budget=False, merge=self.merge, layer_schedule="allocated", layer_signal=self.signal, allocation="softmax",
             layer_floor=float(self.floor),
         )  # fmt: skip
