@@ -13,7 +13,6 @@ from transformers import DynamicCache
 from mmkv_compile.backend import GraphReport, MMKVWarning, mmkv_backend
 from mmkv_compile.cache import MMKVCache, MMKVLayer
 from mmkv_compile.config import CompressionConfig
-from mmkv_compile.labels import Modality
 
 __all__ = ["ExplainReport", "apply_eagerly", "compile", "explain", "uncompile"]
 
@@ -80,8 +79,8 @@ RECOMPILE_LIMIT = 256
 class _CompiledForward:
     """Calls the compiled forward and checks that every phase really went through the mmkv backend."""
 
-    def __init__(self, compiled, reports: list[GraphReport], policy):
-        self.compiled, self.reports, self.policy = compiled, reports, policy
+    def __init__(self, compiled, reports: list[GraphReport]):
+        self.compiled, self.reports = compiled, reports
         self.checked: set[str] = set()
 
     def __call__(self, *args, **kwargs):
@@ -126,13 +125,13 @@ def compile(
     """
     reports: list[GraphReport] = []
     options = _options(method, budget, inductor, method_options)
-    config = CompressionConfig.from_options(options)  # raise on bad options now, not at the first call
+    CompressionConfig.from_options(options)  # raise on bad options now, not at the first call
     _install_output_hooks(model)
     original = type(model).forward.__get__(model)
     compiled = torch.compile(
         original, backend=mmkv_backend, options={**options, "_report": reports}, mode=mode, dynamic=dynamic
     )
-    _wrap_forward(model, _CompiledForward(compiled, reports, config.policy))
+    _wrap_forward(model, _CompiledForward(compiled, reports))
     return model
 
 
@@ -299,7 +298,7 @@ def explain(
     CompressionConfig.from_options(opts)
     _install_output_hooks(model)
     compiled = torch.compile(type(model).forward.__get__(model), backend=mmkv_backend, options=opts)
-    forward = _CompiledForward(compiled, collected, CompressionConfig.from_options(opts).policy)
+    forward = _CompiledForward(compiled, collected)
     cache = MMKVCache(model.config)
     kwargs = dict(inputs, past_key_values=cache, use_cache=True)
     with torch.no_grad():
@@ -312,11 +311,4 @@ def explain(
             if mask is not None:
                 step["attention_mask"] = mask
             out = forward(**prepare_call(model.config, (), step))
-    for number, graph in enumerate(collected):
-        graph.index = number
     return ExplainReport(method, budget, collected)
-
-
-def label_name(code: int) -> str:
-    """Name of a label code (``-1`` -> "invalid")."""
-    return Modality(code).name.lower()

@@ -102,14 +102,11 @@ def _warn_uncompressed(ctx: RewriteContext) -> None:
         warnings.warn(f"mmkv left layers {layers} uncompressed: {skipped[0].reason}", MMKVWarning, stacklevel=3)
 
 
-_graph_counter = iter(range(1 << 62))
-
-
 def mmkv_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None, **kwargs):
     """torch.compile backend: rewrite the Dynamo graph, then compile it with Inductor (or run it as is
     with ``options={"inductor": False}``)."""
     config = CompressionConfig.from_options(options)
-    new_gm, report = rewrite_graph(gm, config, next(_graph_counter))
+    new_gm, report = rewrite_graph(gm, config, len(config.report) if config.report is not None else 0)
     if config.report is not None:
         config.report.append(report)
     if not config.inductor:

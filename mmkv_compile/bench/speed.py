@@ -1,0 +1,242 @@
+"""``mmkv bench speed``: prefill time, decode tokens/s, memory, KV bytes, compile time and recompiles of
+each variant (variants.py), side by side in one process, as medians and as ratios to the uncompiled model.
+
+Every (context, variant) cell starts from ``torch._dynamo.reset()`` and a fresh copy of the model: Dynamo's
+recompile limit is shared by all models of a class, and a compiled forward must not leak into the next
+variant. One warm-up call (which compiles) precedes ``repeats`` timed calls of ``generate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from mmkv_compile.bench import report, variants
+from mmkv_compile.bench.kvpress_adapter import has_press, kvpress_missing
+from mmkv_compile.bench.memory import PeakMemory
+from mmkv_compile.bench.models import BenchModel, TinyScale, load_bench_model
+from mmkv_compile.cache import MMKVCache
+
+MIB = 1 << 20
+
+
+@dataclass
+class SpeedSettings:
+    """What ``mmkv bench speed`` runs (see its ``--help``)."""
+
+    model: str = "smollm2"
+    contexts: list[int] = field(default_factory=lambda: [1024, 2048, 4096])
+    budgets: list[float | int] = field(default_factory=lambda: [0.5, 0.25])
+    methods: list[str] = field(default_factory=lambda: ["snapkv", "h2o", "streaming_llm"])
+    variants: list[str] = field(default_factory=lambda: list(variants.KINDS))
+    repeats: int = 3
+    new_tokens: int = 32
+    out: str | None = "bench-out/speed"
+    device: str = "cpu"
+    dtype: str = "float32"
+    scale: TinyScale = field(default_factory=TinyScale)
+    seed: int = 0
+
+
+class _StepClock(LogitsProcessor):
+    """Records the time at which each new token's logits are ready (generate calls it once per token)."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.times = cuda, []
+
+    def __call__(self, input_ids, scores):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def cache_bytes(cache) -> tuple[int, int]:
+    """(keys+values bytes, per-slot metadata bytes) held by a cache: an MMKVCache or a transformers cache."""
+    if isinstance(cache, MMKVCache):
+        sizes = cache.nbytes()
+        return sizes["kv"], sizes["metadata"]
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.nbytes
+    return total, 0
+
+
+def timed_generate(model, inputs: dict, new_tokens: int, context) -> dict:
+    """One greedy ``generate`` of exactly ``new_tokens`` tokens: prefill seconds (until the first token's
+    logits), decode tokens/s (the other tokens), and the bytes of the cache it returns."""
+    clock = _StepClock(next(model.parameters()).is_cuda)
+    start = time.perf_counter()
+    with torch.no_grad(), context():
+        out = model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            return_dict_in_generate=True, logits_processor=LogitsProcessorList([clock]),
+        )  # fmt: skip
+    total = time.perf_counter() - start
+    kv, metadata = cache_bytes(out.past_key_values)
+    first, last = clock.times[0], clock.times[-1]
+    return {
+        "prefill_s": first - start,
+        "decode_tok_s": (len(clock.times) - 1) / max(last - first, 1e-9),
+        "total_s": total,
+        "kv_bytes": kv,
+        "metadata_bytes": metadata,
+    }
+
+
+def _compile_stats() -> dict:
+    """Dynamo's counters and compilation metrics since the last reset."""
+    from torch._dynamo.utils import counters, get_compilation_metrics
+
+    metrics = get_compilation_metrics()
+    return {
+        "compile_s": sum(m.entire_frame_compile_time_s or 0.0 for m in metrics),
+        "recompiles": sum(m.recompile_reason is not None for m in metrics),
+        "frames_compiled": counters["frames"]["total"],
+        "graphs": counters["stats"]["unique_graphs"],
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
+
+
+def _reset_dynamo() -> None:
+    from torch._dynamo.utils import clear_compilation_metrics, counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    clear_compilation_metrics()
+
+
+def measure(bench: BenchModel, variant: variants.Variant, inputs: dict, settings: SpeedSettings, bar) -> dict:
+    """One cell: warm up (compiling), then ``repeats`` timed runs; medians of each measure."""
+    _reset_dynamo()
+    model = bench.fresh()
+    context = variants.setup(variant, model, inputs["input_ids"].shape[-1])
+    warmup = timed_generate(model, inputs, settings.new_tokens, context)
+    bar.update(1)
+    after_warmup = _compile_stats()
+    memory = PeakMemory(settings.device)
+    memory.start()
+    runs = []
+    for _ in range(settings.repeats):
+        runs.append(timed_generate(model, inputs, settings.new_tokens, context))
+        bar.update(1)
+    memory.stop()
+    stats = _compile_stats()
+    del model
+    row = {
+        "context": inputs["input_ids"].shape[-1],
+        "variant": variant.label,
+        "kind": variant.kind,
+        "method": variant.method,
+        "budget": variant.budget,
+        **{key: report.median([run[key] for run in runs]) for key in ("prefill_s", "decode_tok_s", "total_s")},
+        "kv_bytes": runs[-1]["kv_bytes"],
+        "metadata_bytes": runs[-1]["metadata_bytes"],
+        "peak_added_bytes": memory.added,
+        "peak_bytes": memory.peak,
+        "first_call_s": warmup["total_s"],
+        "compile_s": stats["compile_s"] if variant.compiled else None,
+        "recompiles": stats["recompiles"] if variant.compiled else None,
+        # compiles during the timed runs mean the timings include compilation: should be 0
+        "frames_compiled_while_timed": stats["frames_compiled"] - after_warmup["frames_compiled"],
+        "graphs": stats["graphs"],
+        "graph_breaks": stats["graph_breaks"],
+        "runs": runs,
+    }
+    row["kv_mib"] = row["kv_bytes"] / MIB
+    row["peak_added_mib"] = row["peak_added_bytes"] / MIB
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Ratios to (a) uncompiled at the same context: x prefill (time), x decode (tokens/s), x KV, x peak."""
+    baselines = {row["context"]: row for row in rows if row["kind"] == "uncompiled"}
+    for row in rows:
+        base = baselines.get(row["context"])
+        for key, ratio in (("prefill_s", "x_prefill"), ("decode_tok_s", "x_decode"),
+                           ("kv_bytes", "x_kv"), ("peak_added_bytes", "x_peak")):  # fmt: skip
+            row[ratio] = row[key] / base[key] if base and base[key] else None
+
+
+COLUMNS: list[report.Column] = [
+    ("context", "context", report.text),
+    ("variant", "variant", report.text),
+    ("method", "method", report.text),
+    ("budget", "budget", report.text),
+    ("prefill s", "prefill_s", report.fmt(2)),
+    ("x prefill", "x_prefill", report.fmt(2, "x")),
+    ("decode tok/s", "decode_tok_s", report.fmt(1)),
+    ("x decode", "x_decode", report.fmt(2, "x")),
+    ("KV MiB", "kv_mib", report.fmt(2)),
+    ("x KV", "x_kv", report.fmt(2, "x")),
+    ("peak +MiB", "peak_added_mib", report.fmt(0)),
+    ("x peak", "x_peak", report.fmt(2, "x")),
+    ("compile s", "compile_s", report.fmt(1)),
+    ("recompiles", "recompiles", report.text),
+]
+
+LEGEND = (
+    "Medians of {repeats} timed runs after one warm-up run, {new_tokens} new tokens, batch 1. "
+    "x = ratio to (a) uncompiled at the same context (x prefill: time ratio; x decode: tokens/s ratio, above 1 is faster). "
+    "KV MiB: keys+values in the cache after generate (mmkv's per-slot labels/positions/scores are in results.json). "
+    "peak +MiB: highest {memory} during the timed runs above its level before them. "
+    "compile s: Dynamo frame compile time (Inductor included); recompiles: compiles caused by failed guards."
+)
+
+
+def run_speed(settings: SpeedSettings, out=print) -> dict:
+    """Run the speed benchmark; print the table (through ``out``), write outputs; return the results."""
+    if settings.new_tokens < 2:
+        raise ValueError("--new-tokens must be >= 2 (decode speed is measured over the tokens after the first)")
+    torch._logging.set_logs(dynamo=logging.ERROR)  # graph-break notices from models' own code are noise here
+    torch.manual_seed(settings.seed)
+    dtype = getattr(torch, settings.dtype)
+    bench = load_bench_model(settings.model, settings.scale, settings.device, dtype)
+    missing = kvpress_missing() if "kvpress" in settings.variants else None
+    kinds = [kind for kind in settings.variants if not (kind == "kvpress" and missing)]
+    plan = variants.plan(settings.methods, settings.budgets, kinds, has_press)
+    facts = report.machine()
+    rows = []
+    bar = tqdm(total=len(settings.contexts) * len(plan) * (settings.repeats + 1), desc="mmkv bench speed", unit="run")
+    for length in settings.contexts:
+        inputs = bench.prompt(length)
+        for variant in plan:
+            bar.set_postfix_str(f"context {length}: {variant.label} {variant.method or ''} {variant.budget or ''}")
+            rows.append(measure(bench, variant, inputs, settings, bar))
+    bar.close()
+    report.finish(facts)
+    add_ratios(rows)
+    memory = PeakMemory(settings.device).source
+    legend = LEGEND.format(repeats=settings.repeats, new_tokens=settings.new_tokens, memory=memory)
+    table = report.markdown_table(rows, COLUMNS)
+    header = [
+        f"mmkv bench speed: model {bench.name} ({'real' if bench.real_weights else 'random'} weights), "
+        f"{settings.device} {settings.dtype}",
+        report.machine_line(facts),
+    ]
+    if missing:
+        header.append(missing)
+    text = "\n".join(header) + "\n\n" + table + "\n\n" + legend
+    out(text)
+    results = {"settings": _settings_dict(settings), "machine": facts, "kvpress": missing or "installed",
+               "legend": legend, "rows": rows}  # fmt: skip
+    if settings.out:
+        written = report.write(settings.out, text, results)
+        from mmkv_compile.bench.plots import plot_speed
+
+        written += plot_speed(rows, settings.out)
+        out("\nwrote " + ", ".join(str(path) for path in written))
+    return results
+
+
+def _settings_dict(settings: SpeedSettings) -> dict:
+    from dataclasses import asdict
+
+    return asdict(settings)
