@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmkv_compile.methods.base import Method
+from mmkv_compile.methods.base import Method, is_number
 from mmkv_compile.methods.snapkv import SnapKV
 from mmkv_compile.policy import Policy
 
@@ -21,7 +21,7 @@ class AdaKV(SnapKV):
 
     def validate(self, budget: float | int) -> None:
         super().validate(budget)
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+        if not is_number(self.alpha) or not 0 <= self.alpha <= 1:
             raise ValueError(
                 f"adakv: alpha must be a float in [0, 1] (share of each head's uniform budget it always keeps), got {self.alpha!r}"
             )

@@ -35,6 +35,11 @@ class Method:
         return {f.name: f.default for f in dataclasses.fields(cls)}
 
 
+def is_number(value) -> bool:
+    """An int or float parameter (a bool is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_int(method: str, name: str, value, minimum: int) -> None:
     """Raise a ValueError naming the parameter unless ``value`` is an int >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmkv_compile.methods.base import Method
+from mmkv_compile.methods.base import Method, is_number
 from mmkv_compile.policy import Policy
 
 
@@ -17,11 +17,7 @@ class H2O(Method):
     recent_ratio: float = 0.5
 
     def validate(self, budget: float | int) -> None:
-        if (
-            isinstance(self.recent_ratio, bool)
-            or not isinstance(self.recent_ratio, (int, float))
-            or not 0 <= self.recent_ratio <= 1
-        ):
+        if not is_number(self.recent_ratio) or not 0 <= self.recent_ratio <= 1:
             raise ValueError(
                 f"h2o: recent_ratio must be a float in [0, 1] (share of the budget kept for recent tokens), got {self.recent_ratio!r}"
             )

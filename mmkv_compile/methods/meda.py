@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmkv_compile.labels import Modality
-from mmkv_compile.methods.base import Method, check_choice
+from mmkv_compile.methods.base import Method, check_choice, is_number
 from mmkv_compile.policy import Policy
 
 SIGNALS = ("cross_modal", "attention")
@@ -33,7 +33,7 @@ class MEDA(Method):
             )
         check_choice(self.name, "signal", self.signal, SIGNALS)
         check_choice(self.name, "merge", self.merge, MERGE_RULES)
-        if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0 < self.floor <= budget:
+        if not is_number(self.floor) or not 0 < self.floor <= budget:
             raise ValueError(
                 f"meda: floor must be a float in (0, budget] (the smallest layer fraction), got {self.floor!r}"
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmkv_compile.methods.base import Method
+from mmkv_compile.methods.base import Method, is_number
 from mmkv_compile.methods.snapkv import SnapKV
 from mmkv_compile.policy import Policy
 
@@ -21,7 +21,7 @@ class PyramidKV(SnapKV):
 
     def validate(self, budget: float | int) -> None:
         super().validate(budget)
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1:
+        if not is_number(self.beta) or self.beta < 1:
             raise ValueError(
                 f"pyramidkv: beta must be a number >= 1 (ratio of the first layer's share to the last's is 2*beta-1), got {self.beta!r}"
             )

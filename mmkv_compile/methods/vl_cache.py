@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmkv_compile.methods.base import Method
+from mmkv_compile.methods.base import Method, is_number
 from mmkv_compile.policy import Policy
 
 
@@ -24,7 +24,7 @@ class VLCache(Method):
             raise ValueError(
                 f"vl_cache: budget must be a float in (0, 1] (layers get fractions of their tokens), got {budget!r}"
             )
-        if isinstance(self.floor, bool) or not isinstance(self.floor, (int, float)) or not 0 < self.floor <= budget:
+        if not is_number(self.floor) or not 0 < self.floor <= budget:
             raise ValueError(
                 f"vl_cache: floor must be a float in (0, budget] (the smallest layer fraction), got {self.floor!r}"
             )
