@@ -29,9 +29,23 @@ def _install_output_hooks(model: torch.nn.Module) -> None:
         from transformers.utils.output_capturing import maybe_install_capturing_hooks
     except ImportError:  # older transformers: nothing to install
         return
+    submodels = [module for module in model.modules() if isinstance(module, PreTrainedModel)]
+    hooked = [getattr(module, "_output_capturing_hooks_installed", False) for module in submodels]
+    if any(hooked) and not hooked[0]:
+        # An uncompiled call (generate runs get_image_features eagerly) hooked a submodel but not the model:
+        # installing on the model would hook that submodel a second time and break its outputs. Start over.
+        _remove_output_hooks(model, submodels)
+    for module in submodels:
+        maybe_install_capturing_hooks(module)
+
+
+def _remove_output_hooks(model: torch.nn.Module, submodels: list) -> None:
     for module in model.modules():
-        if isinstance(module, PreTrainedModel):
-            maybe_install_capturing_hooks(module)
+        for handle_id, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") == "output_capturing_hook":
+                del module._forward_hooks[handle_id]
+    for module in submodels:
+        module.__dict__.pop("_output_capturing_hooks_installed", None)
 
 
 def prepare_call(config, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -100,7 +114,7 @@ class _CompiledForward:
             f"the {phase} step ran without reaching the mmkv backend: Dynamo ran it eagerly (see TORCH_LOGS=recompiles; "
             f"its recompile_limit may be spent) or captured no graph that updates the cache"
         )
-        compressed = any(layer.get_physical_length() < layer.get_seq_length() for layer in cache.layers)
+        compressed = any(layer.get_physical_length() < layer.get_seq_length() for layer in cache.mmkv_layers)
         if compressed:
             raise RuntimeError(why + "; the cache is already compressed, so running on would attend wrong slots")
         warnings.warn(why + "; this step is not compressed", MMKVWarning, stacklevel=3)
@@ -132,6 +146,7 @@ def compile(
         original, backend=mmkv_backend, options={**options, "_report": reports}, mode=mode, dynamic=dynamic
     )
     _wrap_forward(model, _CompiledForward(compiled, reports))
+    model.forward.mmkv_reports = reports  # every graph the backend rewrote, as explain reports them
     return model
 
 
@@ -164,36 +179,62 @@ def _reference_attention(module, query, key, value, attention_mask, scaling=None
     if prefill or policy.method == "full":
         mask = attention_mask  # nothing evicted yet: transformers' mask lines up with the slots
     else:
-        mask = slot_attention_mask(layer.labels, layer.positions, query)
+        uses_weights = policy.recycle_bin > 0 or policy.weighted_attention
+        weights = layer.weights if uses_weights else None
+        mask = slot_attention_mask(layer.labels, layer.positions, query, None, weights, policy.weighted_attention)
     is_causal = mask is None and num_new > 1
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, is_causal=is_causal, enable_gqa=True
     )
     if policy.method == "full" or not (prefill or policy.evict_while_decoding):
         return out.transpose(1, 2).contiguous(), None
-    if policy.layer_schedule == "allocated" and prefill:
+    if policy.layer_schedule in ("allocated", "compensated") and prefill:
         _defer_until_last_layer(cache, layer, module.layer_idx, query, float(scaling), policy)
+    elif policy.layer_schedule == "broadcast" and prefill:
+        _broadcast_first_layer(cache, layer, module.layer_idx, query, float(scaling), policy)
     else:
         state = torch.ops.mmkv.score_evict_merge(query, *layer.state(), float(scaling), policy.to_string(), prefill)
         layer.set_state(state)
     return out.transpose(1, 2).contiguous(), None
 
 
+def _broadcast_first_layer(cache: MMKVCache, layer: MMKVLayer, layer_idx: int, query, scaling: float, policy) -> None:
+    """Index broadcasting, eagerly: the first compressible layer decides, later layers keep its positions."""
+    noted = cache.__dict__.setdefault("_first_kept_positions", {})
+    first = noted.get("positions")
+    state = torch.ops.mmkv.score_evict_merge(
+        query, *layer.state(), scaling, policy.to_string(), True, keep_positions=first
+    )
+    layer.set_state(state)
+    noted["positions"] = state[3][:, 0] if first is None else first
+    if layer_idx == cache.last_mmkv_layer():
+        noted.clear()
+
+
 def _defer_until_last_layer(cache: MMKVCache, layer: MMKVLayer, layer_idx: int, query, scaling: float, policy) -> None:
     """Cross-layer allocation, eagerly: note each layer's signal; after the last compressible layer,
     allocate the budgets and compress every noted layer (what the passes build into the prefill graph)."""
     pending = cache.__dict__.setdefault("_pending_layers", [])
-    signal = torch.ops.mmkv.layer_signal(query, layer.keys, layer.labels, layer.positions, scaling, policy.layer_signal)
+    seen = (query, layer.keys, layer.labels, layer.positions, scaling)
+    if policy.layer_schedule == "allocated":
+        signal = torch.ops.mmkv.layer_signal(*seen, policy.layer_signal)
+    else:
+        signal = torch.ops.mmkv.head_demand(*seen, policy.to_string())
     pending.append((layer, query, scaling, policy, signal))
     if layer_idx != cache.last_mmkv_layer():
         return
     signals = [noted[4] for noted in pending]
-    budgets = torch.ops.mmkv.allocate_layer_budgets(
-        signals, float(policy.budget), float(policy.layer_floor), policy.allocation
-    )
+    if policy.layer_schedule == "allocated":
+        budgets = torch.ops.mmkv.allocate_layer_budgets(
+            signals, float(policy.budget), float(policy.layer_floor), policy.allocation
+        )
+        keyword = "budget_fractions"
+    else:
+        budgets = torch.ops.mmkv.compensate_layer_budgets(signals, float(policy.budget), float(policy.compensation_cap))
+        keyword = "head_budgets"
     for number, (noted, noted_query, noted_scaling, noted_policy, _) in enumerate(pending):
         state = torch.ops.mmkv.score_evict_merge(
-            noted_query, *noted.state(), noted_scaling, noted_policy.to_string(), True, budgets[number]
+            noted_query, *noted.state(), noted_scaling, noted_policy.to_string(), True, **{keyword: budgets[number]}
         )
         noted.set_state(state)
     pending.clear()

@@ -77,12 +77,15 @@ def score_evict_merge(
     policy: str,
     prefill: bool,
     budget_fractions: torch.Tensor | None = None,
+    head_budgets: torch.Tensor | None = None,
+    keep_positions: torch.Tensor | None = None,
 ) -> State:
     """Score every cached slot, keep the policy's budget, merge what the policy merges; return the kept
     (keys, values, labels, positions, scores, weights).
 
-    ``budget_fractions`` (float ``[B]``), when given, replaces the policy's budget for each row: the
-    per-layer budgets a cross-layer allocation (MEDA) computes in the graph.
+    Budgets computed elsewhere in the graph replace the policy's own: ``budget_fractions`` (float ``[B]``)
+    a fraction per row (MEDA, VL-Cache), ``head_budgets`` (int64 ``[B, Hkv]``) slots per row and KV head
+    (MadaKV), ``keep_positions`` (int64 ``[B, K]``, -1 for none) the positions an earlier layer kept (HAE).
 
     ``query`` holds the step's queries (the last ``query.shape[2]`` slots); ``policy`` is a
     :class:`~mmkv_compile.policy.Policy` string; ``prefill`` says the cache held nothing before this step.
@@ -93,15 +96,20 @@ def score_evict_merge(
         kernel = triton_kernels.score_evict_merge
     else:
         kernel = reference.score_evict_merge
-    return kernel(query, keys, values, labels, positions, scores, weights, scaling, policy, prefill, budget_fractions)
+    return kernel(
+        query, keys, values, labels, positions, scores, weights, scaling, policy, prefill,
+        budget_fractions, head_budgets, keep_positions,
+    )  # fmt: skip
 
 
 @score_evict_merge.register_fake
 def _score_evict_merge_fake(
-    query, keys, values, labels, positions, scores, weights, scaling, policy, prefill, budget_fractions=None
-):
+    query, keys, values, labels, positions, scores, weights, scaling, policy, prefill,
+    budget_fractions=None, head_budgets=None, keep_positions=None,
+):  # fmt: skip
     pol = Policy.from_string(policy)
-    kept = None if budget_fractions is not None else output_length(pol, keys.shape[2], query.shape[2], prefill)
+    allocated = budget_fractions is not None or head_budgets is not None or keep_positions is not None
+    kept = None if allocated else output_length(pol, keys.shape[2], query.shape[2], prefill)
     if kept is None:
         kept = torch.library.get_ctx().new_dynamic_size(min=0, max=keys.shape[2])
     return _with_length((keys, values, labels, positions, scores, weights), kept)
@@ -133,3 +141,32 @@ def allocate_layer_budgets(signals: list[torch.Tensor], budget: float, floor: fl
 @allocate_layer_budgets.register_fake
 def _allocate_fake(signals, budget, floor, rule):
     return signals[0].new_empty((len(signals), signals[0].shape[0]))
+
+
+@torch.library.custom_op("mmkv::head_demand", mutates_args=())
+def head_demand(
+    query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, scaling: float, policy: str
+) -> torch.Tensor:
+    """What each KV head of a layer asks for, int64 ``[B, Hkv, 3]``: (coverage demand, valid slots, forced
+    slots), for budgets compensated from layer to layer (MadaKV)."""
+    from mmkv_compile.kernels import compensation
+
+    return compensation.head_demand(query, keys, labels, positions, scaling, Policy.from_string(policy))
+
+
+@head_demand.register_fake
+def _head_demand_fake(query, keys, labels, positions, scaling, policy):
+    return keys.new_empty((*keys.shape[:2], 3), dtype=torch.int64)
+
+
+@torch.library.custom_op("mmkv::compensate_layer_budgets", mutates_args=())
+def compensate_layer_budgets(demands: list[torch.Tensor], budget: float, cap: float) -> torch.Tensor:
+    """Slots per layer, row and KV head, int64 ``[L, B, Hkv]``, from each layer's :func:`head_demand`."""
+    from mmkv_compile.kernels import compensation
+
+    return compensation.compensate_layer_budgets(torch.stack(demands), budget, cap)
+
+
+@compensate_layer_budgets.register_fake
+def _compensate_fake(demands, budget, cap):
+    return demands[0].new_empty((len(demands), *demands[0].shape[:2]))

@@ -22,14 +22,15 @@ from functools import lru_cache
 
 import torch
 
-SCORES = ("none", "position", "window", "all_queries", "post_vision")
+SCORES = ("none", "position", "window", "all_queries", "post_vision", "retention", "dual_attention")
 POOLS = ("none", "max", "avg")
 GROUP_REDUCTIONS = ("mean", "max")
-LAYER_SCHEDULES = ("uniform", "pyramid", "allocated")
+LAYER_SCHEDULES = ("uniform", "pyramid", "allocated", "compensated", "broadcast")
 LAYER_SIGNALS = ("cross_modal", "attention", "density")
 ALLOCATIONS = ("softmax", "proportional")
 HEAD_BUDGETS = ("uniform", "global_topk")
-MERGES = ("none", "avg", "pivot", "weighted")
+MERGES = ("none", "avg", "pivot", "weighted", "absorb")
+MEMORY_SLOTS = 2  # merge="absorb": one memory slot for text, one for image/video/audio, at the front of a row
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,15 @@ class Policy:
     layer_floor: float = 0.01  # layer_schedule="allocated": the smallest per-layer fraction
     head_budget: str = "uniform"  # how a layer's budget is spread over KV heads
     head_floor: float = 0.2  # global_topk: share of each head's uniform budget it always gets (AdaKV's alpha)
+    modality_split: bool = False  # a head's free budget split over modalities by their share of its scores (MadaKV)
+    coverage: float = 0.9  # compensated: share of a modality's score mass a head's demand covers (MadaKV's theta)
+    compensation_cap: float = 2.0  # compensated: a head keeps at most this multiple of its even share
+    retention_mix: float = 0.5  # score="retention": weight of attention against entropy (RetentiveKV's lambda)
+    min_retention: float = 0.5  # merge="absorb": the smallest factor a memory's weight is kept by per step
+    weighted_attention: bool = False  # a slot standing for w tokens gets log(w) added to its logits
+    global_threshold: float = 0.0015  # score="dual_attention": a visual token's share of the global attention
+    individual_threshold: float = 0.01  # score="dual_attention": its largest attention from one text query
+    recycle_bin: int = 0  # slots of a row's cache parked (kept, scored, not attended) before deletion (HAE)
     layer: int = 0  # set per attention site by the passes
     num_layers: int = 1
 
@@ -73,7 +83,14 @@ class Policy:
         """Whether the kept length follows from shapes alone (no data-dependent size)."""
         if self.keeps_everything:
             return True
+        if self.score == "dual_attention" or self.layer_schedule in ("compensated", "broadcast"):
+            return False
         return (self.forced_in_budget or not self.keep_labels) and self.head_budget == "uniform"
+
+    @property
+    def memory_slots(self) -> int:
+        """Slots at the front of each row that hold absorbed tokens (``merge="absorb"``), else 0."""
+        return MEMORY_SLOTS if self.merge == "absorb" else 0
 
     def at_layer(self, layer: int, num_layers: int) -> Policy:
         """This policy for one decoder layer (per-layer schedules need to know which)."""
@@ -124,17 +141,20 @@ def ceil_fraction(n, frac: Fraction):
 def output_length(policy: Policy, total: int, num_new: int, prefill: bool):
     """Physical length the operator returns for ``total`` input slots, or None if it depends on data.
 
-    Works for ints and SymInts (the fake kernel calls it with symbolic sizes).
+    Works for ints and SymInts (the fake kernel calls it with symbolic sizes). Memory slots
+    (``merge="absorb"``) are added at prefill and carried through every later step.
     """
     if policy.keeps_everything:
         return total
+    if not prefill and not isinstance(policy.budget, int):
+        return total - num_new  # held at the size it had before this step
     if not policy.static_output_length:
         return None
+    memory = policy.memory_slots
+    regular = total if prefill else total - memory
     if isinstance(policy.budget, int):
-        return _sym_min(total, scheduled(policy, _sym_min(total, policy.budget), total))
-    if prefill:
-        return scheduled(policy, ceil_fraction(total, policy.budget_fraction()), total)
-    return total - num_new
+        return memory + torch.sym_min(regular, scheduled(policy, torch.sym_min(regular, policy.budget), regular))
+    return memory + scheduled(policy, ceil_fraction(regular, policy.budget_fraction()), regular)
 
 
 def scheduled(policy: Policy, base, limit):
@@ -148,10 +168,6 @@ def scheduled(policy: Policy, base, limit):
         return torch.minimum(policy.recent + ceil_fraction(spread, share), limit)
     spread = torch.sym_max(base - policy.recent, 0)
     return torch.sym_min(policy.recent + ceil_fraction(spread, share), limit)
-
-
-def _sym_min(a, b):
-    return torch.sym_min(a, b)
 
 
 def validate_budget(budget) -> float | int:

@@ -25,6 +25,7 @@ from mmkv_compile.passes.graph_utils import (
     example_value,
     is_call,
     is_method,
+    is_view,
     layer_index,
     module_path,
     strip_casts,
@@ -39,7 +40,15 @@ DYNAMIC_CACHE_REASON = (
     "layer, which mmkv leaves alone, or a plain DynamicCache, whose length would shift positions after "
     "eviction (use mmkv_compile.compile(model, ...) or pass past_key_values=mmkv_compile.MMKVCache(model.config))"
 )
-STATIC_CACHE_REASON = "K/V come from a StaticCache buffer, which mmkv does not compress yet"
+WINDOW_LAYER_REASON = (
+    "a sliding-window or chunked layer: MMKVCache keeps transformers' own cache layer and mask for it, "
+    "so mmkv leaves it uncompressed (the full-attention layers of this graph are compressed)"
+)
+STATIC_CACHE_REASON = (
+    "K/V come from a StaticCache: fixed-size buffers written in place cannot shrink, so mmkv compiles the "
+    "model unchanged (let generate create its default cache, or pass mmkv_compile.MMKVCache(model.config), "
+    "to compress)"
+)
 
 
 @dataclass
@@ -88,6 +97,26 @@ def classify_source(node: object) -> tuple[str, fx.Node | None, int | None]:
     return "none", None, None
 
 
+# Elementwise squashing applied to attention logits (soft-capping); it keeps their order.
+SOFTCAP = {torch.tanh, torch.Tensor.tanh}
+
+
+def describe_consumers(node: fx.Node, limit: int = 8) -> str:
+    """The ops that consume a tensor, followed forward past views: ``matmul -> mul -> tanh -> ...``."""
+    names, frontier = [], [node]
+    while frontier and len(names) < limit:
+        current = frontier.pop(0)
+        users = [user for user in current.users if user.op in ("call_function", "call_method")]
+        if not users:
+            break
+        user = users[0]
+        if not is_view(user):
+            target = user.target
+            names.append(target if isinstance(target, str) else getattr(target, "__name__", str(target)))
+        frontier = [user]
+    return " -> ".join(names) or "nothing"
+
+
 def _constant(value) -> float | None:
     return float(value) if isinstance(value, numbers.Number) and not isinstance(value, bool) else None
 
@@ -97,8 +126,11 @@ def _logits_root(node: object) -> tuple[fx.Node | None, float | None]:
     scale = 1.0
     node = strip_casts(node)
     while isinstance(node, fx.Node) and (
-        is_call(node, {operator.mul, torch.mul}) or is_call(node, {operator.truediv, torch.div})
+        is_call(node, {operator.mul, torch.mul}) or is_call(node, {operator.truediv, torch.div}) or is_call(node, SOFTCAP)
     ):
+        if is_call(node, SOFTCAP):  # logit soft-capping, c * tanh(x / c): the scale passes through unchanged
+            node = strip_casts(node.args[0])
+            continue
         lhs, rhs = node.args[0], node.args[1]
         factor = _constant(rhs) if isinstance(lhs, fx.Node) else _constant(lhs)
         if factor is None:
@@ -190,6 +222,12 @@ class FindAttentionSites(GraphPass):
             else:
                 continue
             ctx.sites.append(self._describe(node, kind, fields))
+        if any(site.cache == "mmkv" for site in ctx.sites):
+            # The graph reads an MMKVCache, so a transformers layer beside its MMKVLayers is one MMKVCache
+            # built for a sliding-window or chunked layer type, not a plain DynamicCache.
+            for site in ctx.sites:
+                if site.cache == "dynamic_cache":
+                    site.reason = WINDOW_LAYER_REASON
         return len(ctx.sites)
 
     @staticmethod

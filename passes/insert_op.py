@@ -19,6 +19,9 @@ from mmkv_compile.passes.manager import GraphPass, RewriteContext
 SCORE_EVICT_MERGE = torch.ops.mmkv.score_evict_merge.default
 LAYER_SIGNAL = torch.ops.mmkv.layer_signal.default
 ALLOCATE_LAYER_BUDGETS = torch.ops.mmkv.allocate_layer_budgets.default
+HEAD_DEMAND = torch.ops.mmkv.head_demand.default
+COMPENSATE_LAYER_BUDGETS = torch.ops.mmkv.compensate_layer_budgets.default
+POSITIONS = STATE_FIELDS.index("positions")
 
 
 def is_prefill(state: fx.Node) -> bool:
@@ -39,10 +42,12 @@ def state_outputs(state: fx.Node) -> dict[int, fx.Node]:
 class InsertScoreEvictMerge(GraphPass):
     """One operator per cache update the policy compresses at this step; match count = operators inserted.
 
-    A per-layer allocation that needs every layer first (``layer_schedule="allocated"``: MEDA, VL-Cache) is
-    built in two phases inside the prefill graph: a signal node at each layer's site, one allocation node after
-    the last layer, then each layer's operator, fed its budget, just before the graph's outputs (the
-    step's own attention never needs the compressed state, so nothing waits for it).
+    A per-layer allocation that needs every layer first (``layer_schedule="allocated"``: MEDA, VL-Cache;
+    ``"compensated"``: MadaKV) is built in two phases inside the prefill graph: a signal (or demand) node at
+    each layer's site, one allocation node after the last layer, then each layer's operator, fed its budget,
+    just before the graph's outputs (the step's own attention never needs the compressed state, so nothing
+    waits for it). ``"broadcast"`` (HAE) scores the first layer only; every later layer's operator keeps the
+    positions the first one kept.
     """
 
     name = "insert_score_evict_merge"
@@ -54,6 +59,7 @@ class InsertScoreEvictMerge(GraphPass):
         num_layers = max(cached_layers) + 1 if cached_layers else 1
         handled: set[fx.Node] = set()
         deferred: list[tuple] = []
+        first_kept: fx.Node | None = None  # "broadcast": the first layer's kept positions
         for site in ctx.sites:
             if site.cache != "mmkv" or site.reason:
                 continue
@@ -73,37 +79,52 @@ class InsertScoreEvictMerge(GraphPass):
             getters = state_outputs(site.state)
             state = [self._getter(gm, site.state, getters, i) for i in range(len(STATE_FIELDS))]
             layer_policy = policy.at_layer(site.layer or 0, num_layers).to_string()
-            if policy.layer_schedule == "allocated" and prefill:
+            if policy.layer_schedule in ("allocated", "compensated") and prefill:
                 with gm.graph.inserting_before(site.anchor):
-                    signal = gm.graph.call_function(
-                        LAYER_SIGNAL,
-                        (site.query, state[0], state[2], state[3], float(site.scaling), policy.layer_signal),
-                    )
+                    if policy.layer_schedule == "allocated":
+                        signal_args = (site.query, state[0], state[2], state[3], float(site.scaling))
+                        signal = gm.graph.call_function(LAYER_SIGNAL, (*signal_args, policy.layer_signal))
+                    else:
+                        signal_args = (site.query, state[0], state[2], state[3], float(site.scaling))
+                        signal = gm.graph.call_function(HEAD_DEMAND, (*signal_args, layer_policy))
                 deferred.append((site, state, getters, layer_policy, signal))
+            elif policy.layer_schedule == "broadcast" and prefill and first_kept is not None:
+                with gm.graph.inserting_before(site.anchor):
+                    self._insert(gm, output, site, state, getters, layer_policy, prefill, keep_positions=first_kept)
             else:
                 with gm.graph.inserting_before(site.anchor):
-                    self._insert(gm, output, site, state, getters, layer_policy, prefill)
+                    op = self._insert(gm, output, site, state, getters, layer_policy, prefill)
+                    if policy.layer_schedule == "broadcast" and prefill:
+                        positions = gm.graph.call_function(operator.getitem, (op, POSITIONS))
+                        first_kept = gm.graph.call_function(operator.getitem, (positions, (slice(None), 0)))
             handled.add(site.state)
             site.evicts = True
         if deferred:
+            signals = [d[4] for d in deferred]
             with gm.graph.inserting_before(output):
-                budgets = gm.graph.call_function(
-                    ALLOCATE_LAYER_BUDGETS,
-                    ([d[4] for d in deferred], float(policy.budget), float(policy.layer_floor), policy.allocation),
-                )
+                if policy.layer_schedule == "allocated":
+                    allocation = (signals, float(policy.budget), float(policy.layer_floor), policy.allocation)
+                    budgets = gm.graph.call_function(ALLOCATE_LAYER_BUDGETS, allocation)
+                else:
+                    compensation = (signals, float(policy.budget), float(policy.compensation_cap))
+                    budgets = gm.graph.call_function(COMPENSATE_LAYER_BUDGETS, compensation)
                 for number, (site, state, getters, layer_policy, _) in enumerate(deferred):
-                    fraction = gm.graph.call_function(operator.getitem, (budgets, number))
-                    self._insert(gm, output, site, state, getters, layer_policy, True, fraction)
+                    budget = gm.graph.call_function(operator.getitem, (budgets, number))
+                    if policy.layer_schedule == "allocated":
+                        self._insert(gm, output, site, state, getters, layer_policy, True, budget_fractions=budget)
+                    else:
+                        self._insert(gm, output, site, state, getters, layer_policy, True, head_budgets=budget)
         return len(handled)
 
     @staticmethod
-    def _insert(gm, output, site, state, getters, policy_text: str, prefill: bool, fraction=None) -> None:
+    def _insert(gm, output, site, state, getters, policy_text: str, prefill: bool, **budgets) -> fx.Node:
         """The operator on this layer's full state; the graph then stores its outputs instead."""
         args = (site.query, *state, float(site.scaling), policy_text, prefill)
-        op = gm.graph.call_function(SCORE_EVICT_MERGE, args if fraction is None else (*args, fraction))
+        op = gm.graph.call_function(SCORE_EVICT_MERGE, args, budgets)
         kept = [gm.graph.call_function(operator.getitem, (op, i)) for i in range(len(STATE_FIELDS))]
         for i, getter in getters.items():
             output.replace_input_with(getter, kept[i])
+        return op
 
     @staticmethod
     def _getter(gm: fx.GraphModule, state: fx.Node, getters: dict[int, fx.Node], index: int) -> fx.Node:

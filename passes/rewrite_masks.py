@@ -16,7 +16,7 @@ from mmkv_compile.passes.graph_utils import example_value, prune_orphans
 from mmkv_compile.passes.insert_op import is_prefill, state_outputs
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
 
-LABELS, POSITIONS = STATE_FIELDS.index("labels"), STATE_FIELDS.index("positions")
+LABELS, POSITIONS, WEIGHTS = (STATE_FIELDS.index(name) for name in ("labels", "positions", "weights"))
 
 
 class RewriteAttentionMasks(GraphPass):
@@ -35,12 +35,17 @@ class RewriteAttentionMasks(GraphPass):
                 continue
             getters = state_outputs(site.state)
             with gm.graph.inserting_before(self._insertion_point(site)):
-                labels = getters.get(LABELS) or gm.graph.call_function(operator.getitem, (site.state, LABELS))
-                positions = getters.get(POSITIONS) or gm.graph.call_function(operator.getitem, (site.state, POSITIONS))
+                labels, positions, weights = (
+                    getters.get(index) or gm.graph.call_function(operator.getitem, (site.state, index))
+                    for index in (LABELS, POSITIONS, WEIGHTS)
+                )
+                # weights matter only where slots can be parked or stand for several tokens in attention
+                uses_weights = ctx.policy.recycle_bin > 0 or ctx.policy.weighted_attention
+                slot_info = (labels, positions, weights if uses_weights else None, ctx.policy.weighted_attention)
                 if site.kind == "sdpa":
-                    self._sdpa(gm, site, labels, positions)
+                    self._sdpa(gm, site, slot_info)
                 else:
-                    self._eager(gm, site, labels, positions)
+                    self._eager(gm, site, slot_info)
             site.mask_rebuilt = True
             count += 1
         return count
@@ -53,8 +58,9 @@ class RewriteAttentionMasks(GraphPass):
         return site.mask_add[0] if site.mask_add is not None else site.logits_use[0]
 
     @staticmethod
-    def _sdpa(gm: fx.GraphModule, site, labels: fx.Node, positions: fx.Node) -> None:
-        mask = gm.graph.call_function(slot_attention_mask, (labels, positions, site.query))
+    def _sdpa(gm: fx.GraphModule, site, slot_info: tuple) -> None:
+        labels, positions, weights, weighted = slot_info
+        mask = gm.graph.call_function(slot_attention_mask, (labels, positions, site.query, None, weights, weighted))
         anchor = site.anchor
         old = anchor.kwargs.get("attn_mask", anchor.args[3] if len(anchor.args) > 3 else None)
         args = list(anchor.args[:3]) + [mask] + list(anchor.args[4:])
@@ -67,10 +73,11 @@ class RewriteAttentionMasks(GraphPass):
         prune_orphans(gm.graph, [old])
 
     @staticmethod
-    def _eager(gm: fx.GraphModule, site, labels: fx.Node, positions: fx.Node) -> None:
+    def _eager(gm: fx.GraphModule, site, slot_info: tuple) -> None:
+        labels, positions, weights, weighted = slot_info
         query = example_value(site.query)
         dtype = query.dtype if query is not None else None
-        mask = gm.graph.call_function(slot_attention_mask, (labels, positions, site.query, dtype))
+        mask = gm.graph.call_function(slot_attention_mask, (labels, positions, site.query, dtype, weights, weighted))
         if site.mask_add is not None:
             add, index = site.mask_add
             old = add.args[index]

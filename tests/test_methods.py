@@ -278,6 +278,10 @@ CASES = [
     ("look_m", 0.25, {}),
     ("meda", 0.25, {}),
     ("vl_cache", 0.25, {}),
+    ("madakv", 0.25, {"window": 4}),
+    ("retentivekv", 0.25, {"window": 4, "recent": 2}),
+    # thresholds high enough that random weights leave candidates; a bin of 2 parks slots at every decode step
+    ("hae", 0.25, {"global_threshold": 0.5, "individual_threshold": 1.0, "recycle_bin": 2}),
 ]
 
 

@@ -6,9 +6,12 @@ from mmkv_compile.methods.adakv import AdaKV
 from mmkv_compile.methods.base import Method
 from mmkv_compile.methods.full import Full
 from mmkv_compile.methods.h2o import H2O
+from mmkv_compile.methods.hae import HAE
 from mmkv_compile.methods.look_m import LookM
+from mmkv_compile.methods.madakv import MadaKV
 from mmkv_compile.methods.meda import MEDA
 from mmkv_compile.methods.pyramidkv import PyramidKV
+from mmkv_compile.methods.retentivekv import RetentiveKV
 from mmkv_compile.methods.snapkv import SnapKV
 from mmkv_compile.methods.streaming_llm import StreamingLLM
 from mmkv_compile.methods.text_prior import TextPrior
@@ -16,7 +19,23 @@ from mmkv_compile.methods.tova import TOVA
 from mmkv_compile.methods.vl_cache import VLCache
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (Full, StreamingLLM, SnapKV, H2O, TextPrior, PyramidKV, AdaKV, TOVA, LookM, MEDA, VLCache)
+    cls.name: cls
+    for cls in (
+        Full,
+        StreamingLLM,
+        SnapKV,
+        H2O,
+        TextPrior,
+        PyramidKV,
+        AdaKV,
+        TOVA,
+        LookM,
+        MEDA,
+        VLCache,
+        MadaKV,
+        RetentiveKV,
+        HAE,
+    )
 }
 
 
