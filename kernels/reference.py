@@ -258,6 +258,8 @@ def forced_stage(policy: Policy, labels: torch.Tensor, counts: torch.Tensor | No
     recent = torch.full(labels.shape[:2], policy.recent, dtype=torch.int64, device=labels.device)
     if policy.recent_fraction and counts is not None:
         recent = torch.maximum(recent, (counts.double() * policy.recent_fraction).floor().long())
+    if counts is not None:  # a window wider than the budget keeps the newest slots the budget holds
+        recent = torch.minimum(recent, counts)
     if policy.recent or policy.recent_fraction:
         from_end = valid.flip(-1).cumsum(-1).flip(-1)
         forced |= valid & (from_end <= recent.unsqueeze(-1))
