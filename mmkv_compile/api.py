@@ -215,6 +215,8 @@ def _defer_until_last_layer(cache: MMKVCache, layer: MMKVLayer, layer_idx: int, 
     """Cross-layer allocation, eagerly: note each layer's signal; after the last compressible layer,
     allocate the budgets and compress every noted layer (what the passes build into the prefill graph)."""
     pending = cache.__dict__.setdefault("_pending_layers", [])
+    if policy.score == "window":  # as the passes do: only the queries the score reads are held
+        query = query[:, :, -policy.window :]
     seen = (query, layer.keys, layer.labels, layer.positions, scaling)
     if policy.layer_schedule == "allocated":
         signal = torch.ops.mmkv.layer_signal(*seen, policy.layer_signal)

@@ -81,13 +81,17 @@ class InsertScoreEvictMerge(GraphPass):
             layer_policy = policy.at_layer(site.layer or 0, num_layers).to_string()
             if policy.layer_schedule in ("allocated", "compensated") and prefill:
                 with gm.graph.inserting_before(site.anchor):
+                    query = site.query
+                    if policy.score == "window":  # hold only the queries the score reads until the graph's end
+                        window = (slice(None), slice(None), slice(-policy.window, None))
+                        query = gm.graph.call_function(operator.getitem, (site.query, window))
                     if policy.layer_schedule == "allocated":
-                        signal_args = (site.query, state[0], state[2], state[3], float(site.scaling))
+                        signal_args = (query, state[0], state[2], state[3], float(site.scaling))
                         signal = gm.graph.call_function(LAYER_SIGNAL, (*signal_args, policy.layer_signal))
                     else:
-                        signal_args = (site.query, state[0], state[2], state[3], float(site.scaling))
+                        signal_args = (query, state[0], state[2], state[3], float(site.scaling))
                         signal = gm.graph.call_function(HEAD_DEMAND, (*signal_args, layer_policy))
-                deferred.append((site, state, getters, layer_policy, signal))
+                deferred.append((site, state, getters, layer_policy, signal, query))
             elif policy.layer_schedule == "broadcast" and prefill and first_kept is not None:
                 with gm.graph.inserting_before(site.anchor):
                     self._insert(gm, output, site, state, getters, layer_policy, prefill, keep_positions=first_kept)
@@ -108,18 +112,16 @@ class InsertScoreEvictMerge(GraphPass):
                 else:
                     compensation = (signals, float(policy.budget), float(policy.compensation_cap))
                     budgets = gm.graph.call_function(COMPENSATE_LAYER_BUDGETS, compensation)
-                for number, (site, state, getters, layer_policy, _) in enumerate(deferred):
+                for number, (site, state, getters, layer_policy, _, query) in enumerate(deferred):
                     budget = gm.graph.call_function(operator.getitem, (budgets, number))
-                    if policy.layer_schedule == "allocated":
-                        self._insert(gm, output, site, state, getters, layer_policy, True, budget_fractions=budget)
-                    else:
-                        self._insert(gm, output, site, state, getters, layer_policy, True, head_budgets=budget)
+                    keyword = "budget_fractions" if policy.layer_schedule == "allocated" else "head_budgets"
+                    self._insert(gm, output, site, state, getters, layer_policy, True, query, **{keyword: budget})
         return len(handled)
 
     @staticmethod
-    def _insert(gm, output, site, state, getters, policy_text: str, prefill: bool, **budgets) -> fx.Node:
+    def _insert(gm, output, site, state, getters, policy_text: str, prefill: bool, query=None, **budgets) -> fx.Node:
         """The operator on this layer's full state; the graph then stores its outputs instead."""
-        args = (site.query, *state, float(site.scaling), policy_text, prefill)
+        args = (site.query if query is None else query, *state, float(site.scaling), policy_text, prefill)
         op = gm.graph.call_function(SCORE_EVICT_MERGE, args, budgets)
         kept = [gm.graph.call_function(operator.getitem, (op, i)) for i in range(len(STATE_FIELDS))]
         for i, getter in getters.items():
