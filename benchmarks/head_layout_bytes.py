@@ -1,5 +1,5 @@
-"""KV bytes of per-head budgets (AdaKV, padded to the largest head) next to uniform SnapKV and the full
-cache, on the demo LLaVA (852-token prompt, random weights).
+"""KV bytes of per-head budgets (AdaKV and MadaKV, padded to the largest head) next to uniform SnapKV and
+the full cache, on the demo LLaVA (852-token prompt, random weights).
 
 Run: python benchmarks/head_layout_bytes.py
 """
@@ -30,7 +30,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     for budget in (0.25, 0.1):
         full_bytes = measure("full", budget)[0]
-        for method in ("full", "snapkv", "adakv"):
+        for method in ("full", "snapkv", "adakv", "madakv"):
             kv, stored, valid = measure(method, budget)
             print(
                 f"budget {budget} {method:7s} kv bytes {kv:>9,} ({kv / full_bytes:5.1%} of full)  "
