@@ -433,7 +433,7 @@ def keep_and_budget(
     head_budgets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Budget and forced keep: (slots always kept ``[B, Hkv, S]``, slots each row and KV head keeps ``[B, Hkv]``)."""
-    if head_budgets is not None and not policy.keeps_everything:  # per-(row, head) counts allocated across layers in the graph (MadaKV)
+    if head_budgets is not None and not policy.keeps_everything:  # counts allocated across layers (MadaKV)
         counts = torch.minimum(head_budgets, (labels != INVALID).sum(-1))
         forced = forced_stage(policy, labels, counts)
     elif policy.forced_in_budget:
