@@ -51,6 +51,12 @@ def layer_signal(query, keys, labels, positions, scaling: float, signal: str) ->
     mean row entropy of the full causal attention. ``density`` (VL-Cache): the share of entries of the
     post-vision queries' attention at least 1% of their row's maximum.
     """
+    from mmkv_compile.ops import kernel_choice  # lazily: ops imports the kernels
+
+    if kernel_choice(keys.device) == "triton":
+        from mmkv_compile.kernels import triton_signals
+
+        return triton_signals.layer_signal(query, keys, labels, positions, scaling, signal)
     valid = labels != INVALID
     if signal == "attention":
         return _mean_row_statistic(query, keys, labels, positions, scaling, valid, valid, _entropy).float()

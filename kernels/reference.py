@@ -361,6 +361,9 @@ def nearest_kept(keys: torch.Tensor, kept_keys: torch.Tensor, kept: torch.Tensor
     """For every slot of ``keys [B, Hkv, S, D]``, its most cosine-similar kept slot of ``kept_keys
     [B, Hkv, K, D]`` (only where ``kept [B, Hkv, K]``): (similarity, index), both ``[B, Hkv, S]``.
     Ties go to the lower index; a row with nothing kept gets similarity -inf."""
+    if kept_keys.shape[2] == 0:  # nothing kept anywhere (e.g. an all-padding batch): nothing to merge into
+        empty = torch.full(keys.shape[:3], float("-inf"), device=keys.device)
+        return empty, torch.zeros(keys.shape[:3], dtype=torch.int64, device=keys.device)
     targets = F.normalize(kept_keys.float(), dim=-1)
     best = torch.empty(keys.shape[:3], dtype=torch.float32, device=keys.device)
     index = torch.empty(keys.shape[:3], dtype=torch.int64, device=keys.device)
@@ -383,7 +386,7 @@ def merge_stage(policy: Policy, state, slots: torch.Tensor, kept: torch.Tensor, 
     Values follow the keys' assignment and rule. ``nearest`` finds each slot's target (the Triton kernel
     passes its own).
     """
-    if policy.merge == "none":
+    if policy.merge == "none" or kept_state[0].shape[2] == 0:  # nothing to merge, or nothing to merge into
         return kept_state
     keys, values, labels, _, _, weights = state
     new_keys, new_values, new_labels, new_positions, new_scores, new_weights = kept_state

@@ -7,7 +7,11 @@ What runs where:
           over the window queries, per query head, then reduces over the GQA group (mean or max).
           Accumulation, pooling and the "none"/"position" scores are the reference's torch code.
   budget, forced keep, select   the reference's torch code (small ``[B, Hkv, S]`` tensors).
-  gather  Triton (:func:`_gather_kernel`): copies the kept K/V rows and their labels, positions and scores.
+  gather  Triton (:func:`_gather_kernel`): copies the kept K/V rows and their labels, positions, scores and weights.
+  merge   Triton finds each slot's most similar kept slot (:func:`_nearest_kept_kernel`: tiled dot products with a
+          running max/argmax, never materializing the ``[S, K]`` similarities); the weighted sums are the reference's
+          torch scatter (exact weights, bounded memory).
+  absorb, park, HAE's dual attention, VL-Cache's post-vision score   the reference's torch code.
 
 Every kernel also runs under ``TRITON_INTERPRET=1`` on CPU tensors (that is how the tests check it without a GPU).
 """
@@ -297,8 +301,8 @@ def score_stage(
 
 @triton.jit
 def _gather_kernel(
-    k_ptr, v_ptr, lab_ptr, pos_ptr, score_ptr, slot_ptr, kept_ptr,
-    k_out, v_out, lab_out, pos_out, score_out,
+    k_ptr, v_ptr, lab_ptr, pos_ptr, score_ptr, w_ptr, slot_ptr, kept_ptr,
+    k_out, v_out, lab_out, pos_out, score_out, w_out,
     sk_b, sk_h, sk_s, sk_d, sv_b, sv_h, sv_s, sv_d,
     num_kv, seq, out_len,
     DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -320,6 +324,7 @@ def _gather_kernel(
     tl.store(lab_out + out_row, tl.load(lab_ptr + in_row, mask=take, other=-1), mask=r_ok)
     tl.store(pos_out + out_row, tl.load(pos_ptr + in_row, mask=take, other=-1), mask=r_ok)
     tl.store(score_out + out_row, tl.load(score_ptr + in_row, mask=take, other=0.0), mask=r_ok)
+    tl.store(w_out + out_row, tl.load(w_ptr + in_row, mask=take, other=0.0), mask=r_ok)
 
     for d0 in tl.static_range(0, DIM, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
@@ -340,10 +345,12 @@ def gather_kept(
     scores: torch.Tensor,
     slots: torch.Tensor,
     kept: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
     """Triton version of :func:`reference.gather_stage`: new contiguous tensors with ``slots.shape[-1]`` slots.
 
     ``slots`` int64 ``[B, Hkv, out_len]`` and ``kept`` bool of the same shape, as returned by the select stage.
+    Returns (keys, values, labels, positions, scores), and the weights after them when ``weights`` is given.
     """
     _check_device(keys)
     batch, num_kv, seq, dim = keys.shape
@@ -354,18 +361,135 @@ def gather_kept(
     new_labels = _empty((batch, num_kv, out_len), labels.dtype, device)
     new_positions = _empty((batch, num_kv, out_len), positions.dtype, device)
     new_scores = _empty((batch, num_kv, out_len), scores.dtype, device)
+    # Without weights the kernel still needs somewhere to read and write them: a throwaway buffer.
+    weights_in = scores if weights is None else weights
+    new_weights = _empty((batch, num_kv, out_len), weights_in.dtype, device)
+    out = (new_keys, new_values, new_labels, new_positions, new_scores)
+    if weights is not None:
+        out = (*out, new_weights)
     if new_labels.numel() == 0:
-        return new_keys, new_values, new_labels, new_positions, new_scores
+        return out
     block_r = 32 if device.type == "cuda" else 8
     block_d = min(triton.next_power_of_2(dim), 128)
     _gather_kernel[(batch * num_kv, triton.cdiv(out_len, block_r))](
-        keys, values, labels.contiguous(), positions.contiguous(), scores.contiguous(),
+        keys, values, labels.contiguous(), positions.contiguous(), scores.contiguous(), weights_in.contiguous(),
         slots.contiguous(), kept.to(torch.int8).contiguous(),
-        new_keys, new_values, new_labels, new_positions, new_scores,
+        new_keys, new_values, new_labels, new_positions, new_scores, new_weights,
         *keys.stride(), *values.stride(), num_kv, seq, out_len,
         DIM=dim, BLOCK_R=block_r, BLOCK_D=block_d,
     )  # fmt: skip
-    return new_keys, new_values, new_labels, new_positions, new_scores
+    return out
+
+
+def gather_stage(state, slots: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`reference.gather_stage` in Triton: the kept slots of the six state tensors, in one kernel."""
+    keys, values, labels, positions, scores, weights = state
+    return gather_kept(keys, values, labels, positions, scores, slots, kept, weights)
+
+
+# --------------------------------------------------------------------------------------------------
+# Merge assignment
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nearest_kept_kernel(
+    k_ptr, t_ptr, kept_ptr, best_ptr, index_ptr,
+    sk_b, sk_h, sk_s, sk_d, st_b, st_h, st_s, st_d,
+    num_kv, seq, num_kept,
+    DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """Most cosine-similar kept slot of every slot of one block: program (b * Hkv + h, slot block).
+
+    The slot tile stays in registers while the loop walks the kept slots in ``BLOCK_K`` tiles, keeping a
+    running max and argmax per slot. Similarities are raw dot products scaled by both inverse norms: with
+    half-precision inputs the products are exact in float32, so tensor cores give float32-accurate cosines.
+    """
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // num_kv).to(tl.int64)
+    h = (pid_bh % num_kv).to(tl.int64)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = s < seq
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < DIM
+    x = tl.load(
+        k_ptr + b * sk_b + h * sk_h + s[:, None] * sk_s + d[None, :] * sk_d,
+        mask=s_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    x32 = x.to(tl.float32)
+    # F.normalize's eps: a zero key has similarity 0 with everything (then the lowest kept index wins).
+    inv_x = 1.0 / tl.maximum(tl.sqrt(tl.sum(x32 * x32, axis=1)), 1e-12)
+    if DOT_FP32:
+        x = x32
+
+    best = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    index = tl.zeros([BLOCK_S], tl.int64)
+    kept_base = pid_bh.to(tl.int64) * num_kept  # kept is contiguous [B, Hkv, K]
+    for k0 in range(0, num_kept, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kk_ok = kk < num_kept
+        on = tl.load(kept_ptr + kept_base + kk, mask=kk_ok, other=0) != 0
+        t = tl.load(
+            t_ptr + b * st_b + h * st_h + kk[:, None] * st_s + d[None, :] * st_d,
+            mask=kk_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        t32 = t.to(tl.float32)
+        inv_t = 1.0 / tl.maximum(tl.sqrt(tl.sum(t32 * t32, axis=1)), 1e-12)
+        if DOT_FP32:
+            t = t32
+        dots = tl.dot(x, tl.trans(t), input_precision=PRECISION)
+        sim = (dots * inv_x[:, None]) * inv_t[None, :]
+        sim = tl.where(on[None, :], sim, float("-inf"))
+        tile_best = tl.max(sim, axis=1)
+        # Ties go to the lower index: the smallest index reaching the tile's max, and only a strictly
+        # better tile replaces an earlier one.
+        tile_index = tl.min(tl.where(sim == tile_best[:, None], kk[None, :], num_kept), axis=1).to(tl.int64)
+        better = tile_best > best
+        best = tl.where(better, tile_best, best)
+        index = tl.where(better, tile_index, index)
+
+    out = pid_bh.to(tl.int64) * seq + s
+    tl.store(best_ptr + out, best, mask=s_ok)
+    tl.store(index_ptr + out, index, mask=s_ok)
+
+
+def nearest_kept(keys: torch.Tensor, kept_keys: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`reference.nearest_kept`: for every slot of ``keys [B, Hkv, S, D]``, its most
+    cosine-similar slot of ``kept_keys [B, Hkv, K, D]`` among those where ``kept [B, Hkv, K]``.
+
+    Returns (similarity float32, index int64), both ``[B, Hkv, S]``; ties go to the lower index, and a row
+    with nothing kept gets similarity -inf (index 0). Similarities agree with the reference to float32
+    rounding (the reference normalizes before the product, this kernel after it).
+    """
+    _check_device(keys)
+    batch, num_kv, seq, dim = keys.shape
+    num_kept = kept_keys.shape[2]
+    best = _empty((batch, num_kv, seq), torch.float32, keys.device)
+    index = _empty((batch, num_kv, seq), torch.int64, keys.device)
+    if best.numel() == 0:
+        return best, index
+    if num_kept == 0:  # nothing to compare with (the reference's max over an empty dim would raise)
+        return best.fill_(float("-inf")), index.zero_()
+    if kept_keys.dtype != keys.dtype:  # tl.dot wants one input dtype
+        keys, kept_keys = keys.float(), kept_keys.float()
+    interpreted = _is_interpreted()
+    dot_fp32 = keys.dtype == torch.bfloat16 and interpreted  # the interpreter's dot misreads bfloat16
+    if keys.dtype == torch.float32 or dot_fp32:
+        # float32 cosines must not drop to TF32 (10-bit mantissa): 3xTF32 on the GPU is float32-accurate.
+        precision = "ieee" if interpreted else "tf32x3"
+    else:
+        precision = "tf32"  # half inputs: exact products, float32 accumulation
+    block_d = max(16, triton.next_power_of_2(dim))
+    block_s, block_k = (64, 64) if keys.device.type == "cuda" else (16, 16)
+    _nearest_kept_kernel[(batch * num_kv, triton.cdiv(seq, block_s))](
+        keys, kept_keys, kept.to(torch.int8).contiguous(), best, index,
+        *keys.stride(), *kept_keys.stride(), num_kv, seq, num_kept,
+        DIM=dim, BLOCK_S=block_s, BLOCK_K=block_k, BLOCK_D=block_d, PRECISION=precision, DOT_FP32=dot_fp32,
+    )  # fmt: skip
+    return best, index
 
 
 # --------------------------------------------------------------------------------------------------
@@ -385,17 +509,18 @@ def score_evict_merge(
     policy: str,
     prefill: bool,
     budget_fractions: torch.Tensor | None = None,
+    head_budgets: torch.Tensor | None = None,
+    keep_positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Triton kernel of ``mmkv::score_evict_merge``; same signature and results as the reference.
 
-    Scoring and the K/V gather run in Triton; budget, forced keep, selection, the weights' gather and the
-    merge stage are the reference's torch code. Outputs never alias inputs.
+    The reference's stage order with three stages swapped for Triton: attention column sums, the gather of
+    the kept state and the merge assignment. Budget, forced keep, selection and the other stages are the
+    reference's torch code. Outputs never alias inputs.
     """
     _check_device(keys)
-    pol = Policy.from_string(policy)
-    selection, new_scores = score_stage(pol, query, keys, labels, positions, scores, scaling, prefill)
-    slots, kept = ref.select_slots(pol, selection, labels, query.shape[2], prefill, budget_fractions)
-    gathered = gather_kept(keys, values, labels, positions, new_scores, slots, kept)
-    kept_weights = torch.where(kept, weights.gather(2, slots), 0.0)
-    state = (keys, values, labels, positions, new_scores, weights)
-    return ref.merge_stage(pol, state, slots, kept, (*gathered, kept_weights))
+    return ref.score_evict_merge(
+        query, keys, values, labels, positions, scores, weights, scaling, policy, prefill,
+        budget_fractions, head_budgets, keep_positions,
+        column_sums=attention_column_sums, gather=gather_stage, nearest=nearest_kept,
+    )  # fmt: skip

@@ -321,3 +321,12 @@ def test_every_method_respects_its_budget_and_forced_slots(method):
             recent = min(max(policy.recent, math.floor(allowed * policy.recent_fraction)), allowed)
             assert set(row_valid[len(row_valid) - recent :]) <= kept  # the recent window (within the budget)
             assert set(row_valid[: policy.sinks]) <= kept  # the sinks
+
+
+def test_merging_with_nothing_kept_returns_an_empty_state():
+    """An all-image row with a zero budget fraction keeps nothing; merging has no target and must not fail."""
+    query, keys, _ = _random_prompt(4, seq=12)
+    labels = torch.full((2, 2, 12), IMAGE, dtype=torch.int8)
+    policy = build_method("meda").policy(0.5)
+    out = _op(policy, query, _state(keys, labels), budget_fractions=torch.zeros(2))
+    assert out[0].shape[2] == 0
