@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
 
 from mmkv_compile.tiny import BUILDERS
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: two workers share the CI's two cores
+    torch.set_num_threads(1)
 
 MODELS = ("llama", "llava", "qwen2_vl")
 ATTENTIONS = ("sdpa", "eager")
