@@ -126,7 +126,7 @@ def _warn_unread_caches(ctx: RewriteContext, report: GraphReport, earlier, gm: f
     unread = [n for n in _cache_updates(gm) if n not in read]
     if not unread:
         return
-    keys = next((u for u in unread[0].users if u.op == "call_function" and u.args[1] == 0), None)
+    keys = next((u for u in unread[0].users if len(u.args) > 1 and u.args[1] == 0), None)
     consumers = describe_consumers(keys) if keys is not None else "nothing"
     _warn(report, f"mmkv left {len(unread)} of {len(unread) + len(read)} MMKVCache layers in this graph "
           f"uncompressed: no attention reading them was understood (their keys feed: {consumers})", earlier)  # fmt: skip

@@ -126,7 +126,9 @@ def _logits_root(node: object) -> tuple[fx.Node | None, float | None]:
     scale = 1.0
     node = strip_casts(node)
     while isinstance(node, fx.Node) and (
-        is_call(node, {operator.mul, torch.mul}) or is_call(node, {operator.truediv, torch.div}) or is_call(node, SOFTCAP)
+        is_call(node, {operator.mul, torch.mul})
+        or is_call(node, {operator.truediv, torch.div})
+        or is_call(node, SOFTCAP)
     ):
         if is_call(node, SOFTCAP):  # logit soft-capping, c * tanh(x / c): the scale passes through unchanged
             node = strip_casts(node.args[0])
