@@ -31,7 +31,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-STATE = ("query", "keys", "values", "labels", "positions", "scores")  # the operator's tensor arguments, in order
 TARGET_PREFILL_SHARE = 0.03  # (a) the window-scored operator, as a share of the layer's prefill attention
 TARGET_REFERENCE_SPEEDUP = 5.0  # (a) over the PyTorch reference
 TARGET_COPY_SHARE = 0.60  # (b) of a device-to-device copy's bandwidth
@@ -104,13 +103,20 @@ def make_state(args: argparse.Namespace, seq: int, num_new: int, device: torch.d
     labels = torch.zeros(batch, kv_heads, seq, dtype=torch.int8, device=device)
     if image:
         labels[..., seq // 5 : 4 * seq // 5] = 1
+    from mmkv_compile.state import SlotState
+
+    shape = (batch, kv_heads, seq)
     return dict(
         query=randn(batch, heads, num_new, dim),
-        keys=randn(batch, kv_heads, seq, dim),
-        values=randn(batch, kv_heads, seq, dim),
-        labels=labels,
-        positions=torch.arange(seq, device=device).expand(batch, kv_heads, seq).contiguous(),
-        scores=torch.rand(batch, kv_heads, seq, generator=gen, device=device),
+        state=SlotState(
+            keys=randn(batch, kv_heads, seq, dim),
+            values=randn(batch, kv_heads, seq, dim),
+            labels=labels,
+            positions=torch.arange(seq, device=device).expand(shape).contiguous(),
+            scores=torch.rand(shape, generator=gen, device=device),
+            weights=torch.ones(shape, device=device),  # every slot stands for one token
+            parked=torch.zeros(shape, dtype=torch.bool, device=device),
+        ),
     )
 
 
@@ -121,8 +127,8 @@ def prefill_attention_ms(args: argparse.Namespace, state: dict, device: torch.de
     SDPA can pick its flash kernel whatever its GQA support; only the attention itself is timed."""
     group = args.heads // args.kv_heads
     query = state["query"]
-    keys = state["keys"].repeat_interleave(group, dim=1)
-    values = state["values"].repeat_interleave(group, dim=1)
+    keys = state["state"].keys.repeat_interleave(group, dim=1)
+    values = state["state"].values.repeat_interleave(group, dim=1)
     return time_ms(
         lambda: F.scaled_dot_product_attention(query, keys, values, is_causal=True), args.warmup, args.reps, device
     )
@@ -143,9 +149,6 @@ def bench_operator(args: argparse.Namespace, device: torch.device) -> list[str]:
     h2o = build_method("h2o").policy(args.budget)
     look_m = build_method("look_m", merge="pivot").policy(args.budget)
 
-    def ones(seq: int) -> torch.Tensor:  # the merge weights of slots that stand for one token each
-        return torch.ones(args.batch, args.kv_heads, seq, device=device)
-
     for length in args.lengths:
         prompt = make_state(args, length, length, device)
         prefill_ms = prefill_attention_ms(args, prompt, device)
@@ -159,7 +162,7 @@ def bench_operator(args: argparse.Namespace, device: torch.device) -> list[str]:
         ]
         for name, policy, seq, num_new, prefill, image in cases:
             state = make_state(args, seq, num_new, device, image)
-            call = (*(state[n] for n in STATE), ones(seq), args.head_dim**-0.5, policy.to_string(), prefill)
+            call = (state["query"], state["state"], args.head_dim**-0.5, policy.to_string(), prefill)
             triton_ms = time_ms(lambda c=call: triton_kernels.score_evict_merge(*c), args.warmup, args.reps, device)
             got = triton_kernels.score_evict_merge(*call)
             share = f"{100 * triton_ms / prefill_ms:.2f}%" if prefill else "-"
@@ -186,7 +189,8 @@ def signal_rows(args: argparse.Namespace, device: torch.device, length: int, pre
     from mmkv_compile.kernels import layer_signals, triton_signals
 
     state = make_state(args, length, length, device, image=True)
-    call = (state["query"], state["keys"], state["labels"], state["positions"], args.head_dim**-0.5)
+    slots = state["state"]
+    call = (state["query"], slots.keys, slots.labels, slots.positions, args.head_dim**-0.5)
     rows = []
     for signal in ("cross_modal", "density"):
         triton_ms = time_ms(lambda s=signal: triton_signals.layer_signal(*call, s), args.warmup, args.reps, device)
@@ -194,7 +198,7 @@ def signal_rows(args: argparse.Namespace, device: torch.device, length: int, pre
         try:
             os.environ["MMKV_KERNEL"] = "reference"  # the torch version, even on CUDA tensors
             ref_ms = time_ms(lambda s=signal: layer_signals.layer_signal(*call, s), 1, args.ref_reps, device)
-            want = layer_signals.layer_signal(*call, signal)
+            want = layer_signals.layer_signal(*call, signal)[:, 0].float()  # (signal, live slots)
             diff = f"max abs diff {(got - want).abs().max().item():.1e}"
             ref_text, speedup = f"{ref_ms:.3f}", f"{ref_ms / triton_ms:.1f}x"
         except _out_of_memory():
@@ -254,12 +258,11 @@ def gather_row(args: argparse.Namespace, device: torch.device, length: int) -> s
 
     state = make_state(args, length, 1, device)
     kept_len, slots, kept = _random_selection(args, device, length)
-    weights = torch.ones(args.batch, args.kv_heads, length, device=device)
-    tensors = (*(state[n] for n in STATE[1:]), weights)
+    tensors = state["state"]
     gather_ms = time_ms(lambda: triton_kernels.gather_stage(tensors, slots, kept), args.warmup, args.reps, device)
     ref_ms = time_ms(lambda: reference.gather_stage(tensors, slots, kept), args.warmup, args.reps, device)
     # The copy moves the same K/V bytes (the per-slot metadata is not counted): read once, written once.
-    kv_bytes = 2 * args.batch * args.kv_heads * kept_len * args.head_dim * state["keys"].element_size()
+    kv_bytes = 2 * args.batch * args.kv_heads * kept_len * args.head_dim * tensors.keys.element_size()
     return _bandwidth_row(length, "gather", kept_len, gather_ms, ref_ms, copy_ms(args, device, kv_bytes), 2 * kv_bytes)
 
 
@@ -272,16 +275,16 @@ def merge_row(args: argparse.Namespace, device: torch.device, length: int) -> st
     policy = build_method("look_m", merge="pivot").policy(args.budget)
     state = make_state(args, length, 1, device)
     kept_len, slots, kept = _random_selection(args, device, length)
-    weights = torch.ones(args.batch, args.kv_heads, length, device=device)
-    full = (*(state[n] for n in STATE[1:]), weights)
+    full = state["state"]
     kept_state = reference.gather_stage(full, slots, kept)
+    evicted = ~reference.survivors(full.labels, slots, kept)
 
     def run(nearest):
-        return reference.merge_stage(policy, full, slots, kept, kept_state, nearest)
+        return reference.merge_stage(policy, full, evicted, kept, kept_state, nearest)
 
     triton_ms = time_ms(lambda: run(triton_kernels.nearest_kept), args.warmup, args.reps, device)
     ref_ms = time_ms(lambda: run(reference.nearest_kept), 1, args.ref_reps, device)
-    row_bytes = args.batch * args.kv_heads * args.head_dim * state["keys"].element_size() * 2  # K and V
+    row_bytes = args.batch * args.kv_heads * args.head_dim * full.keys.element_size() * 2  # K and V
     moved = row_bytes * (length + 2 * kept_len)
     return _bandwidth_row(length, "merge", kept_len, triton_ms, ref_ms, copy_ms(args, device, moved // 2), moved)
 
@@ -307,7 +310,7 @@ def bench_decode(args: argparse.Namespace, device: torch.device) -> list[str]:
 def decode_times(args: argparse.Namespace, device: torch.device, length: int, kept_len: int) -> tuple[float, float]:
     """(full ms, compressed ms) of one query's attention over ``length`` slots and over ``kept_len`` of them."""
     state = make_state(args, length, 1, device)
-    query, full_k, full_v = state["query"], state["keys"], state["values"]
+    query, full_k, full_v = state["query"], state["state"].keys, state["state"].values
     # Compressed slots are contiguous copies, as the operator returns them; every row is full (no mask).
     kept_k, kept_v = full_k[:, :, :kept_len].clone(), full_v[:, :, :kept_len].clone()
 

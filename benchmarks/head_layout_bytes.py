@@ -11,16 +11,16 @@ import warnings
 import torch
 
 import mmkv_compile
+from mmkv_compile.compat import output_cache
 from mmkv_compile.demo import demo_model
 
 
 def measure(method: str, budget: float) -> tuple[int, int, int]:
     """(KV bytes, head-slots stored, head-slots holding a token) after the prompt."""
-    torch._dynamo.reset()
     model, inputs = demo_model(images=4)
     mmkv_compile.compile(model, method, budget, inductor=False)
     with torch.no_grad():
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = output_cache(model(**inputs, use_cache=True))
     stored = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in cache.mmkv_layers)
     valid = sum(int((layer.labels != -1).sum()) for layer in cache.mmkv_layers)
     return cache.nbytes()["kv"], stored, valid

@@ -14,7 +14,8 @@ import argparse
 import torch
 
 import mmkv_compile
-from mmkv_compile.tiny import tiny_llava
+from mmkv_compile.compat import output_cache
+from mmkv_compile.testing.tiny import tiny_llava
 
 
 def generate(model, inputs: dict, steps: int):
@@ -24,7 +25,7 @@ def generate(model, inputs: dict, steps: int):
             **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
             return_dict_in_generate=True, output_logits=True,
         )  # fmt: skip
-    return torch.stack(out.logits, dim=1), out.past_key_values
+    return torch.stack(out.logits, dim=1), output_cache(out)
 
 
 def main() -> None:

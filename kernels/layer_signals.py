@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from mmkv_compile.kernels.reference import INVALID, QUERY_CHUNK, TEXT, post_vision_queries, visible_keys
+from mmkv_compile.kernels.reference import INVALID, QUERY_CHUNK, TEXT, live_slots, post_vision_queries, visible_keys
+from mmkv_compile.policy import exact_fraction
 
 DENSITY_THRESHOLD = 0.01  # VL-Cache's ThresholdFilter: entries below 1% of their row's maximum are sparse
 
 
-def _mean_row_statistic(query, keys, labels, positions, scaling: float, query_ok, key_ok, statistic) -> torch.Tensor:
+def _mean_row_statistic(
+    query, keys, labels, positions, scaling: float, query_ok, key_ok, statistic, window: int = 0
+) -> torch.Tensor:
     """Mean over heads and over query rows where ``query_ok`` (that see at least one key where ``key_ok``)
     of ``statistic(log_probs, visible)`` per row, the softmax restricted to those keys and causal: ``[B]``."""
     batch, num_kv, seq, dim = keys.shape
@@ -21,7 +24,9 @@ def _mean_row_statistic(query, keys, labels, positions, scaling: float, query_ok
     for start in range(0, num_new, QUERY_CHUNK):
         stop = min(start + QUERY_CHUNK, num_new)
         slots = torch.arange(seq - num_new + start, seq - num_new + stop, device=keys.device)
-        visible = visible_keys(labels, positions, slots) & key_ok.unsqueeze(-2) & query_ok[..., slots].unsqueeze(-1)
+        visible = (
+            visible_keys(labels, positions, slots, window) & key_ok.unsqueeze(-2) & query_ok[..., slots].unsqueeze(-1)
+        )
         visible = visible.unsqueeze(2)  # [B, Hkv, 1, Lq, S]
         q = query[:, :, start:stop].float().reshape(batch, num_kv, group, stop - start, dim)
         logits = (q @ keys.float().unsqueeze(2).transpose(-1, -2)) * scaling
@@ -43,8 +48,9 @@ def _density(log_p: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     return (dense & visible).sum(-1) / visible.sum(-1).clamp(min=1)
 
 
-def layer_signal(query, keys, labels, positions, scaling: float, signal: str) -> torch.Tensor:
-    """One number per row ``[B]`` float32 describing a layer's attention.
+def layer_signal(query, keys, labels, positions, scaling: float, signal: str, window: int = 0) -> torch.Tensor:
+    """What a layer's attention measures, per row: float64 ``[B, 2]``, the signal and the layer's live slots
+    (the count its budget is a share of).
 
     ``cross_modal`` (MEDA's paper, Eq. 4-6): entropy of text queries over visual keys plus that of visual
     queries over text keys, each softmax restricted to its block and causal. ``attention`` (MEDA's code):
@@ -53,33 +59,66 @@ def layer_signal(query, keys, labels, positions, scaling: float, signal: str) ->
     """
     from mmkv_compile.ops import kernel_choice  # lazily: ops imports the kernels
 
+    live = live_slots(labels, positions, window).sum(-1)[:, 0].double()
     if kernel_choice(keys.device) == "triton":
         from mmkv_compile.kernels import triton_signals
 
-        return triton_signals.layer_signal(query, keys, labels, positions, scaling, signal)
+        value = triton_signals.layer_signal(query, keys, labels, positions, scaling, signal, window)
+    else:
+        value = _layer_signal(query, keys, labels, positions, scaling, signal, window)
+    return torch.stack([value.double(), live], dim=-1)
+
+
+def _layer_signal(query, keys, labels, positions, scaling: float, signal: str, window: int) -> torch.Tensor:
     valid = labels != INVALID
+    statistic = {"attention": _entropy, "density": _density, "cross_modal": _entropy}[signal]
     if signal == "attention":
-        return _mean_row_statistic(query, keys, labels, positions, scaling, valid, valid, _entropy).float()
+        return _mean_row_statistic(query, keys, labels, positions, scaling, valid, valid, statistic, window).float()
     if signal == "density":
         post_vision = post_vision_queries(labels, positions)
-        return _mean_row_statistic(query, keys, labels, positions, scaling, post_vision, valid, _density).float()
-    if signal != "cross_modal":
-        raise ValueError(f"unknown layer signal {signal!r}")
+        return _mean_row_statistic(
+            query, keys, labels, positions, scaling, post_vision, valid, statistic, window
+        ).float()
     text = valid & (labels == TEXT)
     visual = valid & (labels != TEXT)
-    text_to_visual = _mean_row_statistic(query, keys, labels, positions, scaling, text, visual, _entropy)
-    visual_to_text = _mean_row_statistic(query, keys, labels, positions, scaling, visual, text, _entropy)
+    text_to_visual = _mean_row_statistic(query, keys, labels, positions, scaling, text, visual, _entropy, window)
+    visual_to_text = _mean_row_statistic(query, keys, labels, positions, scaling, visual, text, _entropy, window)
     return (text_to_visual + visual_to_text).float()
 
 
 def allocate_layer_budgets(signals: torch.Tensor, budget: float, floor: float, rule: str = "softmax") -> torch.Tensor:
-    """Per-layer budget fractions ``[L, B]`` from per-layer signals ``[L, B]``.
+    """Slots each layer keeps per row, int64 ``[L, B]``, from ``signals [L, B, 2]`` (signal, live slots).
 
     ``softmax``: MEDA's ``softmax_l(E) * L * budget``. ``proportional``: VL-Cache's budgets in proportion to
-    each layer's density. Either share is kept within ``[floor, 1]`` by clamping ``lambda * share`` with
-    the per-row ``lambda`` (found by bisection) that keeps the fractions' mean at ``budget``, so clamping
-    never changes the total (when ``floor <= budget <= 1``).
+    each layer's density. Either share becomes a per-layer fraction within ``[floor, 1]`` whose mean is
+    ``budget`` (:func:`layer_fractions`); the counts follow those fractions of each layer's live slots and sum
+    to exactly the uniform total ``sum_l floor(budget * live_l)`` (largest remainders first), so allocating
+    moves slots between layers but never adds any.
     """
+    fractions = layer_fractions(signals[..., 0], budget, floor, rule).double()
+    live = signals[..., 1].round().long()
+    fraction = exact_fraction(budget)  # as the operator counts its uniform budget
+    target = (live * fraction.numerator // fraction.denominator).sum(0)  # [B]
+    wanted = fractions * live.double()
+    total = wanted.sum(0, keepdim=True)
+    wanted = torch.where(total > 0, wanted * target.double().unsqueeze(0) / total.clamp(min=1e-300), 0.0)
+    counts = torch.minimum(wanted.floor().long(), live)
+    # what rounding down left: one more slot each to the layers with the largest remainders and room ...
+    left = (target - counts.sum(0)).clamp(min=0)
+    order = torch.argsort(torch.where(live > counts, wanted - counts, -1.0), dim=0, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0]).unsqueeze(1).expand_as(order))
+    counts = counts + ((rank < left.unsqueeze(0)) & (live > counts)).long()
+    # ... and what full layers could not take, to the others in the same order, as far as their room goes
+    left = (target - counts.sum(0)).clamp(min=0)
+    room = (live - counts).gather(0, order)
+    extra = torch.minimum((left.unsqueeze(0) - (room.cumsum(0) - room)).clamp(min=0), room)
+    return counts + torch.zeros_like(counts).scatter(0, order, extra)
+
+
+def layer_fractions(signals: torch.Tensor, budget: float, floor: float, rule: str = "softmax") -> torch.Tensor:
+    """Per-layer budget fractions ``[L, B]`` from per-layer signals ``[L, B]``, each within ``[floor, 1]``,
+    averaging to ``budget``: ``lambda * share`` clamped, with the per-row ``lambda`` (found by bisection) that
+    keeps the mean at ``budget``, so clamping never changes the total (when ``floor <= budget <= 1``)."""
     num_layers = signals.shape[0]
     target = num_layers * budget
     if rule == "softmax":

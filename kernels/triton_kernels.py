@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from mmkv_compile.kernels import reference as ref
-from mmkv_compile.policy import Policy
+from mmkv_compile.state import SlotState
 
 _NEG_BIG = tl.constexpr(-1.0e30)  # finite start for running maxima: exp(-inf - _NEG_BIG) is 0, never NaN
 _POS_BIG = tl.constexpr(2**62)  # larger than any position: the minimum over a block with no valid key
@@ -54,10 +54,18 @@ def _check_device(tensor: torch.Tensor) -> None:
 
 
 @triton.jit
+def _seen(k_pos, q_pos, window):
+    """Bool ``[rows, keys]``: the key is not after the query and, under a sliding window, less than ``window``
+    positions before it."""
+    seen = k_pos[None, :] <= q_pos[:, None]
+    return seen & ((window == 0) | (k_pos[None, :] > q_pos[:, None] - window))
+
+
+@triton.jit
 def _row_stats_kernel(
     q_ptr, k_ptr, lab_ptr, pos_ptr, max_ptr, sum_ptr,
     sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_s, sk_d,
-    num_kv, seq, num_new, first, num_win, keys_per_split, scaling,
+    num_kv, seq, num_new, first, num_win, keys_per_split, scaling, window,
     GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
@@ -108,7 +116,7 @@ def _row_stats_kernel(
             if DOT_FP32:
                 k = k.to(tl.float32)
             logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
-            visible = q_valid[:, None] & k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+            visible = q_valid[:, None] & k_valid[None, :] & _seen(k_pos, q_pos, window)
             logits = tl.where(visible, logits, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(logits, axis=1))
             row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
@@ -123,7 +131,7 @@ def _row_stats_kernel(
 def _column_sums_kernel(
     q_ptr, k_ptr, lab_ptr, pos_ptr, max_ptr, sum_ptr, out_ptr,
     sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_s, sk_d,
-    num_kv, seq, num_new, first, num_win, chunk, scaling,
+    num_kv, seq, num_new, first, num_win, chunk, scaling, window,
     GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     REDUCE_MAX: tl.constexpr,
@@ -178,7 +186,7 @@ def _column_sums_kernel(
                 # A row with no visible key has sum 0: it contributes nothing (the reference's nan_to_num).
                 row_sum = tl.where(row_sum > 0, row_sum, 1.0)
                 logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
-                visible = q_valid[:, None] & k_valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+                visible = q_valid[:, None] & k_valid[None, :] & _seen(k_pos, q_pos, window)
                 logits = tl.where(visible, logits, float("-inf"))
                 probs = tl.exp(logits - row_max[:, None]) / row_sum[:, None]
                 per_head += tl.sum(tl.reshape(probs, [BLOCK_G, BLOCK_Q, BLOCK_N]), axis=1)
@@ -218,6 +226,7 @@ def attention_column_sums(
     scaling: float,
     group_reduce: str = "mean",
     key_splits: int | None = None,
+    window: int = 0,
 ) -> torch.Tensor:
     """Attention each key slot receives from the last ``num_queries`` queries, summed: float32 ``[B, Hkv, S]``.
 
@@ -261,7 +270,7 @@ def attention_column_sums(
     meta = dict(GROUP=group, DIM=dim, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d)
     _row_stats_kernel[(batch * num_kv, num_q_blocks, key_splits)](
         query, keys, labels, positions, split_max, split_sum, *strides,
-        num_kv, seq, num_new, first, num_queries, keys_per_split, scaling,
+        num_kv, seq, num_new, first, num_queries, keys_per_split, scaling, window,
         PRECISION=precision, DOT_FP32=dot_fp32, **meta,
     )  # fmt: skip
     if key_splits == 1:
@@ -272,26 +281,10 @@ def attention_column_sums(
 
     _column_sums_kernel[(batch * num_kv, num_k_blocks)](
         query, keys, labels, positions, row_max, row_sum, out, *strides,
-        num_kv, seq, num_new, first, num_queries, max(num_queries, 1), scaling,
+        num_kv, seq, num_new, first, num_queries, max(num_queries, 1), scaling, window,
         PRECISION=precision, DOT_FP32=dot_fp32, REDUCE_MAX=group_reduce == "max", **meta,
     )  # fmt: skip
     return out
-
-
-def score_stage(
-    policy: Policy,
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    labels: torch.Tensor,
-    positions: torch.Tensor,
-    scores: torch.Tensor,
-    scaling: float,
-    prefill: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`reference.score_stage` with the attention column sums computed in Triton."""
-    return ref.score_stage(
-        policy, query, keys, labels, positions, scores, scaling, prefill, column_sums=attention_column_sums
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,10 +374,12 @@ def gather_kept(
     return out
 
 
-def gather_stage(state, slots: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """:func:`reference.gather_stage` in Triton: the kept slots of the six state tensors, in one kernel."""
-    keys, values, labels, positions, scores, weights = state
-    return gather_kept(keys, values, labels, positions, scores, slots, kept, weights)
+def gather_stage(state: SlotState, slots: torch.Tensor, kept: torch.Tensor) -> SlotState:
+    """:func:`reference.gather_stage` in Triton: the kept slots of the state tensors in one kernel (the bool
+    parked flags in torch)."""
+    gathered = gather_kept(state.keys, state.values, state.labels, state.positions, state.scores, slots, kept,
+                           state.weights)  # fmt: skip
+    return SlotState(*gathered, parked=kept & state.parked.gather(2, slots))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -499,28 +494,21 @@ def nearest_kept(keys: torch.Tensor, kept_keys: torch.Tensor, kept: torch.Tensor
 
 def score_evict_merge(
     query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    labels: torch.Tensor,
-    positions: torch.Tensor,
-    scores: torch.Tensor,
-    weights: torch.Tensor,
+    state: SlotState,
     scaling: float,
     policy: str,
     prefill: bool,
-    budget_fractions: torch.Tensor | None = None,
-    head_budgets: torch.Tensor | None = None,
+    layer_budgets: torch.Tensor | None = None,
     keep_positions: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, ...]:
+) -> SlotState:
     """Triton kernel of ``mmkv::score_evict_merge``; same signature and results as the reference.
 
     The reference's stage order with three stages swapped for Triton: attention column sums, the gather of
-    the kept state and the merge assignment. Budget, forced keep, selection and the other stages are the
+    the kept state and the merge assignment. Budget, keep order, selection and the other stages are the
     reference's torch code. Outputs never alias inputs.
     """
-    _check_device(keys)
+    _check_device(state.keys)
     return ref.score_evict_merge(
-        query, keys, values, labels, positions, scores, weights, scaling, policy, prefill,
-        budget_fractions, head_budgets, keep_positions,
+        query, state, scaling, policy, prefill, layer_budgets, keep_positions,
         column_sums=attention_column_sums, gather=gather_stage, nearest=nearest_kept,
     )  # fmt: skip

@@ -29,9 +29,11 @@ _POS_BIG = tl.constexpr(2**62)  # larger than any position: the minimum over a t
 
 
 @triton.jit
-def _visible(q_code, q_pos, q_on, k_code, k_pos, k_on, CROSS: tl.constexpr):
-    """Bool ``[rows, keys]``: the key takes part in the row's softmax (causal by position)."""
+def _visible(q_code, q_pos, q_on, k_code, k_pos, k_on, window, CROSS: tl.constexpr):
+    """Bool ``[rows, keys]``: the key takes part in the row's softmax (causal by position, within a sliding
+    ``window`` when it is not 0)."""
     visible = q_on[:, None] & k_on[None, :] & (k_pos[None, :] <= q_pos[:, None])
+    visible = visible & ((window == 0) | (k_pos[None, :] > q_pos[:, None] - window))
     if CROSS:
         visible = visible & (k_code[None, :] != q_code[:, None])
     return visible
@@ -41,7 +43,7 @@ def _visible(q_code, q_pos, q_on, k_code, k_pos, k_on, CROSS: tl.constexpr):
 def _row_signal_kernel(
     q_ptr, k_ptr, qcode_ptr, kcode_ptr, pos_ptr, value_ptr, seen_ptr,
     sq_b, sq_h, sq_l, sq_d, sk_b, sk_h, sk_s, sk_d,
-    num_kv, seq, num_new, scaling, threshold,
+    num_kv, seq, num_new, scaling, threshold, window,
     GROUP: tl.constexpr, DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
     CROSS: tl.constexpr, DENSITY: tl.constexpr,
@@ -90,7 +92,7 @@ def _row_signal_kernel(
             if DOT_FP32:
                 k = k.to(tl.float32)
             logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
-            visible = _visible(q_code, q_pos, q_on, k_code, k_pos, k_on, CROSS)
+            visible = _visible(q_code, q_pos, q_on, k_code, k_pos, k_on, window, CROSS)
             logits = tl.where(visible, logits, float("-inf"))
             new_max = tl.maximum(row_max, tl.max(logits, axis=1))
             row_sum = row_sum * tl.exp(row_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
@@ -115,7 +117,7 @@ def _row_signal_kernel(
             if DOT_FP32:
                 k = k.to(tl.float32)
             logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scaling
-            visible = _visible(q_code, q_pos, q_on, k_code, k_pos, k_on, CROSS)
+            visible = _visible(q_code, q_pos, q_on, k_code, k_pos, k_on, window, CROSS)
             log_p = tl.where(visible, logits - lse[:, None], 0.0)
             p = tl.where(visible, tl.exp(log_p), 0.0)
             if DENSITY:
@@ -143,6 +145,7 @@ def row_signals(
     scaling: float,
     cross: bool,
     density: bool,
+    window: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query row's softmax statistic: (value float32, seen bool), both ``[B, Hq, Lq]``.
 
@@ -167,7 +170,7 @@ def row_signals(
     _row_signal_kernel[(batch * num_kv, triton.cdiv(num_new, block_q))](
         query, keys, query_code.to(torch.int8).contiguous(), key_code.to(torch.int8).contiguous(),
         positions.contiguous(), value, seen, *query.stride(), *keys.stride(),
-        num_kv, seq, num_new, scaling, DENSITY_THRESHOLD,
+        num_kv, seq, num_new, scaling, DENSITY_THRESHOLD, window,
         GROUP=group, DIM=dim, BLOCK_G=block_g, BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d,
         PRECISION=precision, DOT_FP32=dot_fp32, CROSS=cross, DENSITY=density,
     )  # fmt: skip
@@ -181,21 +184,25 @@ def _row_mean(value: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     return torch.where(rows > 0, total / rows.clamp(min=1), 0.0)
 
 
-def layer_signal(query, keys, labels, positions, scaling: float, signal: str) -> torch.Tensor:
-    """Triton version of :func:`mmkv_compile.kernels.layer_signals.layer_signal`: ``[B]`` float32."""
+def layer_signal(query, keys, labels, positions, scaling: float, signal: str, window: int = 0) -> torch.Tensor:
+    """Triton version of the reference's per-row signal (``layer_signals._layer_signal``): ``[B]`` float32."""
     valid = labels != INVALID
     if signal == "attention":
-        value, seen = row_signals(query, keys, positions, valid, valid, scaling, cross=False, density=False)
+        value, seen = row_signals(
+            query, keys, positions, valid, valid, scaling, cross=False, density=False, window=window
+        )
         return _row_mean(value, seen).float()
     if signal == "density":
         post_vision = post_vision_queries(labels, positions)
-        value, seen = row_signals(query, keys, positions, post_vision, valid, scaling, cross=False, density=True)
+        value, seen = row_signals(
+            query, keys, positions, post_vision, valid, scaling, cross=False, density=True, window=window
+        )
         return _row_mean(value, seen).float()
     if signal != "cross_modal":
         raise ValueError(f"unknown layer signal {signal!r}")
     # 1 text, 2 visual, 0 invalid: one launch covers both directions; rows are split by their own code after.
     code = torch.where(valid, torch.where(labels == TEXT, 1, 2), 0).to(torch.int8)
-    value, seen = row_signals(query, keys, positions, code, code, scaling, cross=True, density=False)
+    value, seen = row_signals(query, keys, positions, code, code, scaling, cross=True, density=False, window=window)
     group = query.shape[1] // keys.shape[1]
     row_code = code[..., keys.shape[2] - query.shape[2] :].repeat_interleave(group, dim=1)  # [B, Hq, Lq]
     text_to_visual = _row_mean(value, seen & (row_code == 1))

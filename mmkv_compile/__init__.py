@@ -5,11 +5,12 @@ mmkv_compile.compile(model, method="snapkv", budget=0.25)   # then model.generat
 torch.compile(model, backend="mmkv", options={"method": "snapkv", "budget": 0.25})
 """
 
-from mmkv_compile.api import ExplainReport, apply_eagerly, compile, explain, uncompile
-from mmkv_compile.backend import MMKVWarning, mmkv_backend
+from mmkv_compile.api import apply_eagerly, compile, compiled_reports, explain, uncompile
+from mmkv_compile.backend import mmkv_backend
 from mmkv_compile.cache import MMKVCache, MMKVLayer
 from mmkv_compile.labels import Modality
 from mmkv_compile.methods import METHODS
+from mmkv_compile.reports import ExplainReport, MMKVWarning
 
 
 def methods() -> dict[str, dict]:
@@ -28,6 +29,7 @@ __all__ = [
     "Modality",
     "apply_eagerly",
     "compile",
+    "compiled_reports",
     "explain",
     "methods",
     "mmkv_backend",

@@ -3,25 +3,28 @@
 from __future__ import annotations
 
 import functools
-import warnings
-from dataclasses import dataclass, field
+import itertools
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from mmkv_compile.backend import GraphReport, MMKVWarning, mmkv_backend
+from mmkv_compile.backend import MMKVBackend
 from mmkv_compile.cache import MMKVCache, MMKVLayer
+from mmkv_compile.compat import cache_argument, call_cache, pop_cache
 from mmkv_compile.config import CompressionConfig
+from mmkv_compile.masks import slot_attention_mask
+from mmkv_compile.reports import DECODE, PREFILL, ExplainReport, GraphReport
+from mmkv_compile.schedules import EagerEmitter, LayerStep, schedule_for
 
-__all__ = ["ExplainReport", "apply_eagerly", "compile", "explain", "uncompile"]
+__all__ = ["ExplainReport", "apply_eagerly", "compile", "compiled_reports", "explain", "uncompile"]
 
 
 def _options(method: str, budget: float | int, inductor: bool, method_options: dict) -> dict[str, Any]:
     return {"method": method, "budget": budget, "inductor": inductor, **method_options}
 
 
-def _install_output_hooks(model: torch.nn.Module) -> None:
+def install_output_hooks(model: torch.nn.Module) -> None:
     """Install transformers' output-capturing hooks now: installing them inside a compiled call takes
     a lock that Dynamo cannot trace (a graph break on every cold model)."""
     try:
@@ -48,15 +51,16 @@ def _remove_output_hooks(model: torch.nn.Module, submodels: list) -> None:
         module.__dict__.pop("_output_capturing_hooks_installed", None)
 
 
-def prepare_call(config, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+def prepare_call(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Before a forward call: give it an :class:`MMKVCache` (replacing an empty ``DynamicCache``, as
-    ``generate`` creates one) and tell the cache the modality labels of the tokens it will append."""
+    ``generate`` creates one) under the name the model's forward takes it (``cache`` or
+    ``past_key_values``), and tell the cache the modality labels of the tokens it will append."""
     if kwargs.get("use_cache") is False:
         return kwargs
-    cache = kwargs.get("past_key_values")
+    cache = pop_cache(kwargs)
     if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
-        cache = MMKVCache(config)
-        kwargs["past_key_values"] = cache
+        cache = MMKVCache(model.config)
+    kwargs[cache_argument(model)] = cache
     if isinstance(cache, MMKVCache):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
@@ -74,51 +78,65 @@ def prepare_call(config, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _wrap_forward(model: torch.nn.Module, run) -> None:
-    original = type(model).forward.__get__(model)
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        return run(*args, **prepare_call(model.config, args, kwargs))
-
-    model.forward = forward
+# Dynamo keeps compiled code, and counts recompiles against a limit (8), per code object, and every
+# transformers model's forward runs through one shared decorator frame. So each compiled model gets an entry
+# function with a code object of its own (see _entry), and its own recompile count and limit for the frames it
+# still shares with other models (a graph break's resume functions): torch.compile's isolate_recompiles.
+RECOMPILE_LIMIT = 64
+_entries = itertools.count()
 
 
-# Every transformers model's forward runs through one shared decorator frame, so Dynamo's per-frame
-# recompile limit (8) is shared by all models in a process; past it Dynamo runs eagerly. Our calls
-# raise it for themselves only.
-RECOMPILE_LIMIT = 256
+def _entry(forward):
+    """A function that calls ``forward``, with a code object no other compiled model shares: what one model
+    compiled (its guards, its recompiles, a fallback) never changes what another one gets."""
+
+    def entry(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    entry.__code__ = entry.__code__.replace(co_name=f"mmkv_forward_{next(_entries)}")
+    return entry
 
 
-class _CompiledForward:
-    """Calls the compiled forward and checks that every phase really went through the mmkv backend."""
+class CompiledForward:
+    """A model's forward, compiled with the mmkv backend: gives every call an :class:`MMKVCache` and its labels,
+    and checks that each phase (prefill, decode) really went through the backend."""
 
-    def __init__(self, compiled, reports: list[GraphReport]):
-        self.compiled, self.reports = compiled, reports
+    def __init__(self, model: torch.nn.Module, backend: MMKVBackend, mode: str | None, dynamic: bool | None):
+        self.model, self.backend = model, backend
+        self.original = type(model).forward.__get__(model)
+        self.compiled = torch.compile(
+            _entry(self.original), backend=backend, mode=mode, dynamic=dynamic,
+            recompile_limit=RECOMPILE_LIMIT, isolate_recompiles=True,
+        )  # fmt: skip
         self.checked: set[str] = set()
+        functools.update_wrapper(self, self.original)  # generate reads the forward's signature
+
+    @property
+    def reports(self) -> list[GraphReport]:
+        """Every graph the backend rewrote for this model."""
+        return self.backend.reports
 
     def __call__(self, *args, **kwargs):
-        cache = kwargs.get("past_key_values")
-        phase = "decode" if isinstance(cache, MMKVCache) and cache.get_seq_length() > 0 else "prefill"
-        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-            out = self.compiled(*args, **kwargs)
+        kwargs = prepare_call(self.model, args, kwargs)
+        cache = call_cache(kwargs)
+        phase = DECODE if isinstance(cache, MMKVCache) and cache.get_seq_length() > 0 else PREFILL
+        out = self.compiled(*args, **kwargs)
         if isinstance(cache, MMKVCache) and phase not in self.checked:
             self._check(phase, cache)
         return out
 
     def _check(self, phase: str, cache: MMKVCache) -> None:
+        self.checked.add(phase)
         if any(r.phase == phase for r in self.reports):
-            self.checked.add(phase)
             return
         why = (
-            f"the {phase} step ran without reaching the mmkv backend: Dynamo ran it eagerly (see TORCH_LOGS=recompiles; "
-            f"its recompile_limit may be spent) or captured no graph that updates the cache"
+            f"mmkv ({self.backend.config.method.name}): the {phase} step ran without reaching the mmkv backend: "
+            "Dynamo ran it eagerly (see TORCH_LOGS=recompiles; its recompile_limit may be spent) or captured no "
+            "graph that updates the cache"
         )
-        compressed = any(layer.get_physical_length() < layer.get_seq_length() for layer in cache.mmkv_layers)
-        if compressed:
+        if cache.is_compressed():
             raise RuntimeError(why + "; the cache is already compressed, so running on would attend wrong slots")
-        warnings.warn(why + "; this step is not compressed", MMKVWarning, stacklevel=3)
-        self.checked.add(phase)
+        self.backend.warner.warn(why + "; this step is not compressed", stacklevel=4)
 
 
 def compile(
@@ -137,17 +155,18 @@ def compile(
     ``torch.compile(model).generate()`` never reaches any backend (generate calls the uncompiled
     module); this function compiles the forward that generate calls.
     """
-    reports: list[GraphReport] = []
-    options = _options(method, budget, inductor, method_options)
-    CompressionConfig.from_options(options)  # raise on bad options now, not at the first call
-    _install_output_hooks(model)
-    original = type(model).forward.__get__(model)
-    compiled = torch.compile(
-        original, backend=mmkv_backend, options={**options, "_report": reports}, mode=mode, dynamic=dynamic
-    )
-    _wrap_forward(model, _CompiledForward(compiled, reports))
-    model.forward.mmkv_reports = reports  # every graph the backend rewrote, as explain reports them
+    config = CompressionConfig.from_options(_options(method, budget, inductor, method_options))
+    install_output_hooks(model)
+    model.forward = CompiledForward(model, MMKVBackend(config), mode, dynamic)
     return model
+
+
+def compiled_reports(model: torch.nn.Module) -> list[GraphReport]:
+    """Every graph the mmkv backend rewrote for a model compiled with :func:`compile`."""
+    forward = model.__dict__.get("forward")
+    if not isinstance(forward, CompiledForward):
+        raise ValueError("the model was not compiled with mmkv_compile.compile")
+    return forward.reports
 
 
 def uncompile(model: torch.nn.Module) -> torch.nn.Module:
@@ -159,87 +178,41 @@ def uncompile(model: torch.nn.Module) -> torch.nn.Module:
 # -- the uncompiled reference ----------------------------------------------------------------------
 
 REFERENCE_ATTENTION = "mmkv_reference"
-_FULL_POLICY = CompressionConfig.from_options({"method": "full"}).policy
 
 
-def _reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Attention that calls the operator eagerly: what the backend's rewritten graph computes, written
-    as plain code. Registered in transformers' AttentionInterface under ``mmkv_reference``."""
-    from mmkv_compile.masks import slot_attention_mask
-
+def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention that calls the operator eagerly: what the backend's rewritten graph computes, written as plain
+    code over the same layer schedules. Registered in transformers' AttentionInterface as ``mmkv_reference``."""
     cache: MMKVCache = kwargs["mmkv_cache"]
     policy = kwargs["mmkv_policy"]
     layer = cache.layers[module.layer_idx]
-    if not isinstance(layer, MMKVLayer):  # sliding or chunked: transformers' layer and mask, untouched
-        policy = _FULL_POLICY
-    policy = policy.at_layer(module.layer_idx, cache.num_decoder_layers or len(cache.layers))
     num_new = query.shape[2]
-    prefill = key.shape[-2] == num_new
-    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if prefill or policy.method == "full":
-        mask = attention_mask  # nothing evicted yet: transformers' mask lines up with the slots
-    else:
-        uses_weights = policy.recycle_bin > 0 or policy.weighted_attention
-        weights = layer.weights if uses_weights else None
-        mask = slot_attention_mask(layer.labels, layer.positions, query, None, weights, policy.weighted_attention)
+    prefill = layer.get_seq_length() == num_new
+    scaling = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    compressible = isinstance(layer, MMKVLayer) and not policy.keeps_everything
+    mask = attention_mask  # at the prompt nothing is evicted yet: transformers' mask lines up with the slots
+    if compressible and not prefill:
+        merge = policy.merge
+        mask = slot_attention_mask(
+            layer.labels, layer.positions, query, layer.window, layer.parked if merge.recycle_bin else None,
+            layer.weights if merge.weighted_attention else None,
+        )  # fmt: skip
     is_causal = mask is None and num_new > 1
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, is_causal=is_causal, enable_gqa=True
     )
-    if policy.method == "full" or not (prefill or policy.evict_while_decoding):
-        return out.transpose(1, 2).contiguous(), None
-    if policy.layer_schedule in ("allocated", "compensated") and prefill:
-        _defer_until_last_layer(cache, layer, module.layer_idx, query, float(scaling), policy)
-    elif policy.layer_schedule == "broadcast" and prefill:
-        _broadcast_first_layer(cache, layer, module.layer_idx, query, float(scaling), policy)
-    else:
-        state = torch.ops.mmkv.score_evict_merge(query, *layer.state(), float(scaling), policy.to_string(), prefill)
-        layer.set_state(state)
+    if compressible and (prefill or policy.evict_while_decoding):
+        if cache.pending is None:
+            cache.pending = schedule_for(policy, prefill)
+        step = LayerStep(layer.placement, query, layer.state(), scaling, prefill, layer)
+        kept = cache.pending.layer(EagerEmitter(), step)
+        if kept is not None:
+            layer.set_state(kept)
+        if layer.rank == layer.count - 1:
+            for done, kept in cache.pending.finish(EagerEmitter()):
+                done.owner.set_state(kept)
+            cache.pending = None
     return out.transpose(1, 2).contiguous(), None
-
-
-def _broadcast_first_layer(cache: MMKVCache, layer: MMKVLayer, layer_idx: int, query, scaling: float, policy) -> None:
-    """Index broadcasting, eagerly: the first compressible layer decides, later layers keep its positions."""
-    noted = cache.__dict__.setdefault("_first_kept_positions", {})
-    first = noted.get("positions")
-    state = torch.ops.mmkv.score_evict_merge(
-        query, *layer.state(), scaling, policy.to_string(), True, keep_positions=first
-    )
-    layer.set_state(state)
-    noted["positions"] = state[3][:, 0] if first is None else first
-    if layer_idx == cache.last_mmkv_layer():
-        noted.clear()
-
-
-def _defer_until_last_layer(cache: MMKVCache, layer: MMKVLayer, layer_idx: int, query, scaling: float, policy) -> None:
-    """Cross-layer allocation, eagerly: note each layer's signal; after the last compressible layer,
-    allocate the budgets and compress every noted layer (what the passes build into the prefill graph)."""
-    pending = cache.__dict__.setdefault("_pending_layers", [])
-    if policy.score == "window":  # as the passes do: only the queries the score reads are held
-        query = query[:, :, -policy.window :]
-    seen = (query, layer.keys, layer.labels, layer.positions, scaling)
-    if policy.layer_schedule == "allocated":
-        signal = torch.ops.mmkv.layer_signal(*seen, policy.layer_signal)
-    else:
-        signal = torch.ops.mmkv.head_demand(*seen, policy.to_string())
-    pending.append((layer, query, scaling, policy, signal))
-    if layer_idx != cache.last_mmkv_layer():
-        return
-    signals = [noted[4] for noted in pending]
-    if policy.layer_schedule == "allocated":
-        budgets = torch.ops.mmkv.allocate_layer_budgets(
-            signals, float(policy.budget), float(policy.layer_floor), policy.allocation
-        )
-        keyword = "budget_fractions"
-    else:
-        budgets = torch.ops.mmkv.compensate_layer_budgets(signals, float(policy.budget), float(policy.compensation_cap))
-        keyword = "head_budgets"
-    for number, (noted, noted_query, noted_scaling, noted_policy, _) in enumerate(pending):
-        state = torch.ops.mmkv.score_evict_merge(
-            noted_query, *noted.state(), noted_scaling, noted_policy.to_string(), True, **{keyword: budgets[number]}
-        )
-        noted.set_state(state)
-    pending.clear()
 
 
 def _text_attention_key(model: torch.nn.Module) -> str | None:
@@ -257,15 +230,15 @@ def _text_attention_key(model: torch.nn.Module) -> str | None:
 def apply_eagerly(model: torch.nn.Module, method: str = "snapkv", budget: float | int = 0.5, **method_options):
     """Apply a method without compiling: the decoder's attention calls the operator eagerly.
 
-    This is the reference the compiled model is tested against (same policy, same operator). It works
-    for models that route attention through transformers' ``AttentionInterface``. Returns ``model``.
+    This is the reference the compiled model is tested against (same policy, same operator, same layer
+    schedules). It works for models that route attention through transformers' ``AttentionInterface``.
+    Returns ``model``.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    config = CompressionConfig.from_options(_options(method, budget, False, method_options))
-    policy = config.policy
-    AttentionInterface.register(REFERENCE_ATTENTION, _reference_attention)
+    policy = CompressionConfig.from_options(_options(method, budget, False, method_options)).policy
+    AttentionInterface.register(REFERENCE_ATTENTION, reference_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(REFERENCE_ATTENTION, sdpa_mask)
     key = _text_attention_key(model)
     if key is None:
@@ -273,56 +246,18 @@ def apply_eagerly(model: torch.nn.Module, method: str = "snapkv", budget: float 
     model.set_attn_implementation(REFERENCE_ATTENTION if key == "" else {key: REFERENCE_ATTENTION})
     original = type(model).forward.__get__(model)
 
-    def run(*args, **kwargs):
-        kwargs.setdefault("past_key_values", MMKVCache(model.config))
-        return original(*args, mmkv_cache=kwargs["past_key_values"], mmkv_policy=policy, **kwargs)
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        kwargs = prepare_call(model, args, kwargs)
+        cache = call_cache(kwargs)
+        cache.pending = None  # a step that failed half-way leaves no schedule behind
+        return original(*args, mmkv_cache=cache, mmkv_policy=policy, **kwargs)
 
-    _wrap_forward(model, run)
+    model.forward = forward
     return model
 
 
 # -- explain -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class ExplainReport:
-    """Every graph captured while running a prompt (and a decode step), with each attention site."""
-
-    method: str
-    budget: float | int
-    graphs: list[GraphReport] = field(default_factory=list)
-
-    def sites(self):
-        """All site reports, with their graph's phase."""
-        return [(g.phase, s) for g in self.graphs for s in g.sites]
-
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return asdict(self)
-
-    def __str__(self) -> str:
-        lines = [f"mmkv explain: method={self.method} budget={self.budget}, {len(self.graphs)} graph(s)"]
-        for g in self.graphs:
-            lines.append(
-                f"graph {g.index} [{g.phase}] passes: {g.passes}" + (f" FALLBACK: {g.fallback}" if g.fallback else "")
-            )
-            for s in g.sites:
-                layer = "-" if s.layer is None else s.layer
-                what = (
-                    "evict+mask"
-                    if s.evicts and s.mask_rebuilt
-                    else "evict"
-                    if s.evicts
-                    else "mask"
-                    if s.mask_rebuilt
-                    else "no"
-                )
-                why = f"  ({s.reason})" if s.reason else ""
-                lines.append(
-                    f"  layer {layer:>3}  {s.kind:<5} cache={s.cache:<13} gqa={s.gqa_groups}  rewritten={what}{why}"
-                )
-        return "\n".join(lines)
 
 
 def explain(
@@ -331,27 +266,24 @@ def explain(
     budget: float | int = 0.5,
     *,
     decode_steps: int = 1,
+    inductor: bool = False,
     options: dict | None = None,
     **inputs,
 ) -> ExplainReport:
-    """Compile a throwaway copy of ``model.forward`` with the mmkv backend (no Inductor), run the prompt
-    ``inputs`` and ``decode_steps`` greedy steps, and report every captured graph. ``model`` is not changed."""
-    collected: list[GraphReport] = []
-    opts = {**_options(method, budget, False, dict(options or {})), "_report": collected}
-    CompressionConfig.from_options(opts)
-    _install_output_hooks(model)
-    compiled = torch.compile(type(model).forward.__get__(model), backend=mmkv_backend, options=opts)
-    forward = _CompiledForward(compiled, collected)
-    cache = MMKVCache(model.config)
-    kwargs = dict(inputs, past_key_values=cache, use_cache=True)
-    with torch.no_grad():
-        out = forward(**prepare_call(model.config, (), kwargs))
-        mask = inputs.get("attention_mask")
-        for _ in range(decode_steps):
-            token = out.logits[:, -1:].argmax(-1)
-            mask = torch.cat([mask, torch.ones_like(token)], dim=-1) if mask is not None else None
-            step = {"input_ids": token, "past_key_values": cache, "use_cache": True}
-            if mask is not None:
-                step["attention_mask"] = mask
-            out = forward(**prepare_call(model.config, (), step))
-    return ExplainReport(method, budget, collected)
+    """What ``generate`` does with ``model`` compiled by :func:`compile`: compile it the same way (without
+    Inductor unless asked: the rewrite is the same), run ``generate`` on ``inputs`` for ``decode_steps`` new
+    tokens after the first, and report every captured graph and every warning. ``model`` is left as it was."""
+    saved = model.__dict__.get("forward")
+    warner_given: list[str] = []
+    try:
+        compile(model, method, budget, inductor=inductor, **dict(options or {}))
+        forward: CompiledForward = model.__dict__["forward"]
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=decode_steps + 1, min_new_tokens=decode_steps + 1,
+                           do_sample=False)  # fmt: skip
+        reports, warner_given = forward.reports, forward.backend.warner.given
+    finally:
+        uncompile(model)
+        if saved is not None:
+            model.forward = saved
+    return ExplainReport(method, budget, reports, list(warner_given))

@@ -1,55 +1,39 @@
 """The ``mmkv`` torch.compile backend.
 
 ``mmkv_backend`` is a plain function, the target of the ``torch_dynamo_backends`` entry point: nothing
-registers it on import, so a fresh process never sees a "duplicate name" error.
+registers it on import, so a fresh process never sees a "duplicate name" error. ``mmkv_compile.compile`` uses an
+:class:`MMKVBackend` of its own, which keeps a report of every graph it rewrote.
+
+The backend never raises once the options are valid: a backend that raises makes Dynamo skip the frame's code
+for the rest of the process, so every model and method compiled after would silently lose compression.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-import warnings
-from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
+from mmkv_compile.adopt import FIRST_CALL_REASON, RetraceWithMMKVCache, adopt_traced_call, hook_outer_model
 from mmkv_compile.config import CompressionConfig
-from mmkv_compile.passes.find_sites import CACHE_APPEND, FindAttentionSites, describe_consumers
-from mmkv_compile.passes.insert_op import InsertScoreEvictMerge, is_prefill
+from mmkv_compile.passes.find_sites import (
+    CacheKind,
+    Decision,
+    FindAttentionSites,
+    cache_appends,
+    describe_consumers,
+    is_prefill,
+)
+from mmkv_compile.passes.insert_op import InsertScoreEvictMerge
 from mmkv_compile.passes.manager import PassManager, RewriteContext
 from mmkv_compile.passes.rewrite_masks import RewriteAttentionMasks
+from mmkv_compile.policy import Policy
+from mmkv_compile.reports import DECODE, NO_CACHE, PREFILL, GraphReport, MMKVWarning, SiteReport, Warner
 
 log = logging.getLogger("mmkv_compile")
-
-
-class MMKVWarning(UserWarning):
-    """A graph, or part of it, was compiled without compression; the message says why."""
-
-
-@dataclass
-class SiteReport:
-    """One attention site as ``explain`` reports it."""
-
-    layer: int | None
-    kind: str
-    cache: str
-    gqa_groups: int
-    rewritten: bool
-    evicts: bool
-    mask_rebuilt: bool
-    reason: str
-    module: str
-
-
-@dataclass
-class GraphReport:
-    """One captured graph: its phase, its sites, and what each pass matched."""
-
-    index: int
-    phase: str
-    sites: list[SiteReport] = field(default_factory=list)
-    passes: dict[str, int] = field(default_factory=dict)
-    fallback: str = ""
-    warnings: list[str] = field(default_factory=list)
 
 
 def default_passes() -> PassManager:
@@ -64,88 +48,139 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     return fx.GraphModule(gm, graph)
 
 
-def rewrite_graph(gm: fx.GraphModule, config: CompressionConfig, index: int = 0) -> tuple[fx.GraphModule, GraphReport]:
-    """Run the passes on a copy of ``gm``. On any failure, return ``gm`` unchanged with one warning.
-
-    A warning already given for an earlier graph of the same compiled model (``config.report``) is not
-    repeated: prefill and decode graphs usually share the reason."""
-    ctx = RewriteContext(config)
+def rewrite_graph(gm: fx.GraphModule, policy: Policy, index: int = 0) -> tuple[fx.GraphModule, GraphReport]:
+    """Run the passes on a copy of ``gm``; the report says what they did and why anything was left alone. On any
+    failure, return ``gm`` unchanged (the report's ``fallback`` says why)."""
+    ctx = RewriteContext(policy)
     try:
         new_gm = _copy(gm)
         default_passes()(new_gm, ctx)
-    except Exception as exc:  # never break the user's compile: fall back to the captured graph
-        reason = f"the mmkv passes failed on this graph ({type(exc).__name__}: {exc}); compiled unchanged"
-        report = GraphReport(index, "unknown", fallback=reason)
-        _warn(report, reason, config.report)
+    except Exception as exc:  # noqa: BLE001 - never break the user's compile: fall back to the captured graph
         log.debug("mmkv rewrite failed", exc_info=True)
-        return gm, report
+        reason = f"the mmkv passes failed on this graph ({type(exc).__name__}: {exc}); compiled unchanged"
+        return gm, GraphReport(index, NO_CACHE if not cache_appends(gm.graph) else PREFILL, fallback=reason,
+                               warnings=[f"mmkv ({policy.method}): {reason}"])  # fmt: skip
     report = _report(ctx, index, new_gm)
-    _warn_uncompressed(ctx, report, config.report)
-    _warn_unread_caches(ctx, report, config.report, new_gm)
+    report.warnings += _uncompressed_warnings(ctx, new_gm)
     return new_gm, report
 
 
-def _cache_updates(gm: fx.GraphModule) -> list[fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in CACHE_APPEND]
-
-
-def _report(ctx: RewriteContext, index: int, gm: fx.GraphModule | None = None) -> GraphReport:
-    states = [s.state for s in ctx.sites if s.state is not None] or (_cache_updates(gm) if gm is not None else [])
-    if not states:
-        phase = "no mmkv cache"
-    else:
-        phase = "prefill" if is_prefill(states[0]) else "decode"
+def _report(ctx: RewriteContext, index: int, gm: fx.GraphModule) -> GraphReport:
+    appends = [s.state for s in ctx.sites if s.state is not None] or cache_appends(gm.graph)
+    phase = NO_CACHE if not appends else (PREFILL if is_prefill(appends[0]) else DECODE)
     report = GraphReport(index, phase, passes={r.name: r.matches for r in ctx.results})
     for s in ctx.sites:
-        report.sites.append(SiteReport(s.layer, s.kind, s.cache, s.gqa_groups, s.rewritten, s.evicts,
-                                       s.mask_rebuilt, s.reason, s.module))  # fmt: skip
+        report.sites.append(SiteReport(s.layer, s.kind, s.cache.value, s.gqa_groups, s.decision.value, s.rewritten,
+                                       s.evicts, s.mask_rebuilt, s.reason, s.module))  # fmt: skip
     return report
 
 
-def _warn(report: GraphReport, message: str, earlier: list[GraphReport] | None) -> None:
-    """Warn once per compiled model and message; the graph's report keeps the message either way."""
-    report.warnings.append(message)
-    if not any(message in previous.warnings for previous in earlier or ()):
-        warnings.warn(message, MMKVWarning, stacklevel=4)
+def _layers(sites) -> list[int]:
+    return sorted({s.layer for s in sites if s.layer is not None})
 
 
-def _warn_uncompressed(ctx: RewriteContext, report: GraphReport, earlier: list[GraphReport] | None) -> None:
-    """One warning where decoder attention reads a cache that is left uncompressed."""
-    skipped = [s for s in ctx.sites if s.cache not in ("none", "mmkv") and not s.rewritten]
-    if skipped and not any(s.rewritten for s in ctx.sites):
-        _warn(report, f"mmkv compiled a graph unchanged: {skipped[0].reason}", earlier)
-    elif skipped:
-        layers = sorted({s.layer for s in skipped if s.layer is not None})
-        _warn(report, f"mmkv left layers {layers} uncompressed: {skipped[0].reason}", earlier)
-
-
-def _warn_unread_caches(ctx: RewriteContext, report: GraphReport, earlier, gm: fx.GraphModule) -> None:
-    """One warning where the graph appends to MMKVCache layers that no understood attention site reads:
-    the attention is written in a form the passes do not recognise; the message names what reads the keys."""
+def _uncompressed_warnings(ctx: RewriteContext, gm: fx.GraphModule) -> list[str]:
+    """One message per reason decoder attention in this graph is left uncompressed, naming the layers."""
+    method = ctx.policy.method
+    messages = []
+    decoder = [s for s in ctx.sites if s.cache not in (CacheKind.NONE,)]
+    skipped = [s for s in decoder if s.decision is Decision.SKIP]
+    if skipped:
+        if not any(s.rewritten for s in ctx.sites):
+            messages.append(f"mmkv ({method}) compiled a graph unchanged: {skipped[0].reason}")
+        else:
+            messages.append(f"mmkv ({method}) left layers {_layers(skipped)} uncompressed: {skipped[0].reason}")
+    # MMKVCache layers appended to in this graph that no understood attention reads: the attention is written
+    # in a form the passes do not recognise; the message names what reads the keys.
     read = {s.state for s in ctx.sites if s.state is not None}
-    unread = [n for n in _cache_updates(gm) if n not in read]
-    if not unread:
+    unread = [n for n in cache_appends(gm.graph) if n not in read]
+    if unread:
+        keys = next((u for u in unread[0].users if len(u.args) > 1 and u.args[1] == 0), None)
+        consumers = describe_consumers(keys) if keys is not None else "nothing"
+        messages.append(
+            f"mmkv ({method}) left {len(unread)} of {len(unread) + len(read)} MMKVCache layers in this graph "
+            f"uncompressed: no attention reading them was understood (their keys feed: {consumers})"
+        )
+    return messages
+
+
+class MMKVBackend:
+    """The backend of one compiled model: its config, a report of every graph it rewrote, one warning per reason."""
+
+    def __init__(self, config: CompressionConfig, adopt_calls: bool = False):
+        self.config = config
+        self.reports: list[GraphReport] = []
+        self.warner = Warner()
+        self.adopt_calls = adopt_calls  # give cache-less calls an MMKVCache (the torch.compile(model) route)
+
+    def rewrite(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, GraphReport]:
+        """The passes on one captured graph (the test backend records what they did)."""
+        return rewrite_graph(gm, self.config.policy, len(self.reports))
+
+    def __call__(self, gm: fx.GraphModule, example_inputs, mode: str | None = None, **kwargs):
+        new_gm, report = self.rewrite(gm)
+        if self.adopt_calls:
+            if adopt_traced_call():
+                raise RetraceWithMMKVCache("mmkv gave the call an MMKVCache: its forward is traced again")
+            if _reads_a_plain_cache(report) and hook_outer_model():
+                report.warnings = [f"mmkv ({self.config.method.name}): {FIRST_CALL_REASON}"]
+        self.reports.append(report)
+        for message in report.warnings:
+            self.warner.warn(message, stacklevel=4)
+        if not self.config.inductor:
+            return new_gm.forward
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = list_mode_options(mode) if mode and mode != "default" else {}
+        try:
+            with _data_dependent_lengths(example_inputs, not self.config.policy.static_output_length):
+                return compile_fx(new_gm, example_inputs, config_patches=patches)
+        except Exception as exc:  # noqa: BLE001 - see the module docstring: the rewritten graph runs as it is
+            log.debug("Inductor failed on the rewritten graph", exc_info=True)
+            message = (
+                f"mmkv ({self.config.method.name}): Inductor could not compile a rewritten graph "
+                f"({type(exc).__name__}: {_first_line(exc)}); it runs without Inductor, with the same compression"
+            )
+            report.warnings.append(message)
+            self.warner.warn(message, stacklevel=4)
+            return new_gm.forward
+
+
+@contextlib.contextmanager
+def _data_dependent_lengths(example_inputs, needed: bool):
+    """Let this graph's shape environment hold the operator's data-dependent kept lengths (per-layer budgets
+    allocated in the graph) while Inductor compiles it. Dynamo's own switch for this
+    (``capture_dynamic_output_shape_ops``) would also change how it traces the model's code."""
+    fake_mode = torch._guards.detect_fake_mode(example_inputs) if needed else None
+    shape_env = getattr(fake_mode, "shape_env", None)
+    if shape_env is None or shape_env.allow_dynamic_output_shape_ops:
+        yield
         return
-    keys = next((u for u in unread[0].users if len(u.args) > 1 and u.args[1] == 0), None)
-    consumers = describe_consumers(keys) if keys is not None else "nothing"
-    _warn(report, f"mmkv left {len(unread)} of {len(unread) + len(read)} MMKVCache layers in this graph "
-          f"uncompressed: no attention reading them was understood (their keys feed: {consumers})", earlier)  # fmt: skip
+    before = shape_env.settings
+    shape_env.settings = dataclasses.replace(before, allow_dynamic_output_shape_ops=True)
+    try:
+        yield
+    finally:
+        shape_env.settings = before
+
+
+def _reads_a_plain_cache(report: GraphReport) -> bool:
+    """Decoder attention in this graph reads a transformers cache, and no MMKVCache layer is in sight."""
+    caches = {site.cache for site in report.sites}
+    return CacheKind.TRANSFORMERS.value in caches and CacheKind.MMKV.value not in caches
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""
 
 
 def mmkv_backend(gm: fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None, **kwargs):
-    """torch.compile backend: rewrite the Dynamo graph, then compile it with Inductor (or run it as is
-    with ``options={"inductor": False}``)."""
-    config = CompressionConfig.from_options(options)
-    new_gm, report = rewrite_graph(gm, config, len(config.report) if config.report is not None else 0)
-    if config.report is not None:
-        config.report.append(report)
-    if not config.inductor:
-        return new_gm.forward
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
-
-    patches = list_mode_options(mode) if mode and mode != "default" else {}
-    return compile_fx(new_gm, example_inputs, config_patches=patches)
+    """torch.compile backend: rewrite the Dynamo graph, then compile it with Inductor (or run it as is with
+    ``options={"inductor": False}``). A model called without a cache gets an MMKVCache (``mmkv_compile.adopt``).
+    Raises ValueError on bad options, before anything is compiled."""
+    return MMKVBackend(CompressionConfig.from_options(options), adopt_calls=True)(gm, example_inputs, mode=mode)
 
 
-__all__ = ["GraphReport", "MMKVWarning", "SiteReport", "mmkv_backend", "rewrite_graph"]
+__all__ = ["GraphReport", "MMKVBackend", "MMKVWarning", "SiteReport", "mmkv_backend", "rewrite_graph"]

@@ -1,57 +1,59 @@
 """``MMKVCache``: a transformers ``Cache`` whose layers carry what compression needs.
 
-Each layer holds, per cached slot and KV head: keys, values, a modality label, the token's logical
-position, and a running score. Eviction makes the physical length (what is stored, what masks are
-sized by) shorter than the logical length (what positions continue from), as in transformers'
-``DynamicSlidingWindowLayer``.
+Each layer holds a :class:`~mmkv_compile.state.SlotState`: per cached slot and KV head, keys, values, a modality
+label, the token's logical position, a running score, a weight and a parked flag. Eviction makes the physical
+length (what is stored, what masks are sized by) shorter than the logical length (what positions continue from),
+as in transformers' ``DynamicSlidingWindowLayer``.
 
 Appends go through ``torch.ops.mmkv.cache_append``, so each layer's full state appears as one node in a
-captured graph; the backend rewires that node's consumers. Uncompiled, the cache behaves like a
+captured graph, with the layer's rank among the compressed layers, their count and its attention window as
+constant arguments; the backend rewires that node's consumers. Uncompiled, the cache behaves like a
 ``DynamicCache`` that also records labels and positions.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import cache_utils
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from mmkv_compile import ops  # noqa: F401  (registers torch.ops.mmkv)
+from mmkv_compile import ops
 from mmkv_compile.labels import LABEL_DTYPE, Modality, labels_from_inputs, modality_token_ids
+from mmkv_compile.policy import LayerPlacement
+from mmkv_compile.state import POSITION_DTYPE, STATE_FIELDS, SlotState
 
-POSITION_DTYPE = torch.int64
-SCORE_DTYPE = torch.float32
-# A layer's state, per slot: the operator's inputs and outputs come in this order.
-STATE_FIELDS = ("keys", "values", "labels", "positions", "scores", "weights")
+# Layer types transformers names in configs: mmkv compresses full-attention and sliding-window layers; any
+# other type (chunked, linear, dummy) keeps transformers' own cache layer and is left alone.
+FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 class MMKVLayer(CacheLayerMixin):
-    """One layer's compressed cache: keys/values ``[B, Hkv, S, D]`` plus per slot a modality label, the token's
-    logical position, a running score, and a weight (how many original tokens the slot stands for, > 1
-    after merging)."""
+    """One layer's compressed cache: a :class:`~mmkv_compile.state.SlotState` of ``[B, Hkv, S, ...]`` tensors.
 
-    is_sliding = False
+    ``rank`` is the layer's place among the cache's compressed layers and ``count`` their number (what per-layer
+    schedules read); ``window`` is its sliding attention window, 0 for full attention. A sliding layer keeps at
+    most ``window`` slots while decoding, as transformers' sliding layer does.
+    """
+
     is_croppable = False
     # generate() would wrap an already compiled forward in a second torch.compile if this were True.
     is_compileable = False
 
-    def __init__(self, **kwargs):
+    def __init__(self, rank: int = 0, count: int = 1, window: int = 0, **kwargs):
         super().__init__()
-        self.labels: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
-        self.scores: torch.Tensor | None = None
-        self.weights: torch.Tensor | None = None
+        self.placement = LayerPlacement(index=rank, count=count, window=window)
+        # what the graph records; a str, since Dynamo makes ints that differ between layers symbolic inputs
+        self.placement_text = self.placement.to_string()
+        self.is_sliding = bool(window)
+        self.labels = self.positions = self.scores = self.weights = self.parked = None
         self.logical_length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, _ = key_states.shape
-        device = key_states.device
-        self.keys = key_states.new_empty((batch, heads, 0, key_states.shape[-1]))
-        self.values = value_states.new_empty((batch, heads, 0, value_states.shape[-1]))
-        self.labels = torch.empty((batch, heads, 0), dtype=LABEL_DTYPE, device=device)
-        self.positions = torch.empty((batch, heads, 0), dtype=POSITION_DTYPE, device=device)
-        self.scores = torch.empty((batch, heads, 0), dtype=SCORE_DTYPE, device=device)
-        self.weights = torch.empty((batch, heads, 0), dtype=SCORE_DTYPE, device=device)
+        self.set_state(SlotState.empty(batch, heads, key_states.shape[-1], value_states.shape[-1],
+                                       key_states.dtype, key_states.device))  # fmt: skip
         self.is_initialized = True
 
     def update(
@@ -66,18 +68,29 @@ class MMKVLayer(CacheLayerMixin):
         new_labels = labels.to(device=key_states.device, dtype=LABEL_DTYPE).unsqueeze(1).expand(batch, heads, num_new)
         new_positions = torch.arange(num_new, device=key_states.device, dtype=POSITION_DTYPE) + self.logical_length
         new_positions = new_positions.expand(batch, heads, num_new)
-        self.set_state(torch.ops.mmkv.cache_append(
-            *self.state(), key_states, value_states, new_labels.contiguous(), new_positions.contiguous()
-        ))  # fmt: skip
+        new = (key_states, value_states, new_labels.contiguous(), new_positions.contiguous())
+        self.set_state(ops.cache_append(self.state(), new, self.placement_text))
         self.logical_length = self.logical_length + num_new
         return self.keys, self.values
 
-    def state(self) -> tuple[torch.Tensor, ...]:
-        """The per-slot tensors, in :data:`STATE_FIELDS` order."""
-        return tuple(getattr(self, name) for name in STATE_FIELDS)
+    @property
+    def rank(self) -> int:
+        return self.placement.index
 
-    def set_state(self, tensors) -> None:
-        for name, tensor in zip(STATE_FIELDS, tensors, strict=True):
+    @property
+    def count(self) -> int:
+        return self.placement.count
+
+    @property
+    def window(self) -> int:
+        return self.placement.window
+
+    def state(self) -> SlotState:
+        """The per-slot tensors."""
+        return SlotState(*(getattr(self, name) for name in STATE_FIELDS))
+
+    def set_state(self, state) -> None:
+        for name, tensor in zip(STATE_FIELDS, state, strict=True):
             setattr(self, name, tensor)
 
     def get_seq_length(self) -> int:
@@ -88,9 +101,21 @@ class MMKVLayer(CacheLayerMixin):
         """Slots actually stored."""
         return 0 if self.keys is None else self.keys.shape[-2]
 
+    def is_compressed(self) -> bool:
+        """Whether slots were evicted (not just dropped out of a sliding window)."""
+        return self.is_initialized and self.get_physical_length() < min(
+            self.logical_length, self.window or self.logical_length
+        )
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """The usual mask over the stored slots (see :meth:`MMKVCache.get_mask_sizes` once compressed)."""
-        return self.get_physical_length() + _query_length(query_length), 0
+        """The usual mask over the slots this step attends to, which are the newest ones until something is
+        evicted (then :meth:`MMKVCache.get_mask_sizes` takes over and the backend rebuilds every mask from the
+        slots). A one-token step of a sliding layer attends to its ``window`` newest slots."""
+        num_new = _query_length(query_length)
+        length = self.get_physical_length() + num_new
+        if self.window and num_new == 1:
+            length = min(length, self.window)
+        return length, self.logical_length + num_new - length
 
     def get_max_cache_shape(self) -> int:
         """No maximum (transformers before 5.3 asks for it under this name)."""
@@ -106,7 +131,7 @@ class MMKVLayer(CacheLayerMixin):
 
     def _select_batch(self, fn) -> None:
         if self.is_initialized:
-            self.set_state(fn(t) for t in self.state())
+            self.set_state(self.state().map(fn))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -121,33 +146,36 @@ class MMKVLayer(CacheLayerMixin):
         raise NotImplementedError("a compressed cache cannot be cropped back: evicted tokens are gone")
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held: keys+values, and the per-slot metadata (labels, positions, scores, weights)."""
+        """Bytes held: keys+values, and the per-slot metadata (labels, positions, scores, weights, parked)."""
         if not self.is_initialized:
             return {"kv": 0, "metadata": 0}
-        kv = self.keys.nbytes + self.values.nbytes
-        meta = sum(t.nbytes for t in self.state()[2:])
-        return {"kv": kv, "metadata": meta}
+        state = self.state()
+        return {"kv": state.keys.nbytes + state.values.nbytes, "metadata": sum(t.nbytes for t in state[2:])}
 
 
 class MMKVCache(Cache):
-    """A cache for ``mmkv_compile``: one :class:`MMKVLayer` per decoder layer, plus the labels of the
-    tokens the next forward call appends (set by :meth:`observe`).
+    """A cache for ``mmkv_compile``: one :class:`MMKVLayer` per full-attention or sliding-window decoder layer
+    (transformers' own layer for any other type), plus the labels of the tokens the next forward call appends
+    (set by :meth:`observe`).
 
-    ``mmkv_compile.compile`` creates and feeds it. To drive a ``torch.compile(model, backend="mmkv")``
-    model by hand, pass ``past_key_values=MMKVCache(model.config)`` and call :meth:`observe` with each
-    call's inputs before it.
+    ``mmkv_compile.compile`` and the ``mmkv`` backend create and feed it. To drive a compiled model by hand,
+    pass ``cache=MMKVCache(model.config)`` (``past_key_values=`` before transformers 5.24) and call
+    :meth:`observe` with each call's inputs before it.
+
+    ``pending`` holds the eager reference path's unfinished cross-layer schedule during one forward call.
     """
 
     def __init__(self, config=None, **kwargs):
-        layers = _layers_from_config(config) if config is not None else None
+        decoder = _decoder_config(config)
+        layers = _layers_from_config(decoder) if decoder is not None else None
+        self.num_decoder_layers: int | None = getattr(decoder, "num_hidden_layers", None)
         if layers is None:
             super().__init__(layer_class_to_replicate=MMKVLayer)
         else:
             super().__init__(layers=layers)
         self.token_ids = modality_token_ids(config) if config is not None else {}
         self.incoming_labels: torch.Tensor | None = None
-        decoder = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        self.num_decoder_layers: int | None = getattr(decoder, "num_hidden_layers", None)
+        self.pending: Any = None
 
     def observe(
         self,
@@ -167,7 +195,8 @@ class MMKVCache(Cache):
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
-            self.layers.append(MMKVLayer())
+            index = len(self.layers)
+            self.layers.append(MMKVLayer(rank=index, count=self.num_decoder_layers or index + 1))
         layer = self.layers[layer_idx]
         if isinstance(layer, MMKVLayer):
             return layer.update(key_states, value_states, labels=self.incoming_labels)
@@ -175,30 +204,25 @@ class MMKVCache(Cache):
 
     @property
     def mmkv_layers(self) -> list[MMKVLayer]:
-        """The layers mmkv compresses (full attention); sliding or chunked layers stay transformers' own."""
+        """The layers mmkv compresses (full and sliding attention); other types stay transformers' own."""
         return [layer for layer in self.layers if isinstance(layer, MMKVLayer)]
 
+    def is_compressed(self) -> bool:
+        """Whether any layer has evicted a slot its attention could still see."""
+        return any(layer.is_compressed() for layer in self.mmkv_layers)
+
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        """Sizes of the mask transformers builds for the full-attention layers.
+        """Sizes of the mask transformers builds for the compressed layers.
 
         Once any layer is compressed, the backend replaces every MMKVLayer's mask with one built from its
         slots, and layers may hold different numbers of slots (per-layer budgets) while transformers builds
         one mask for all of them: it then gets a single column at the newest token, which broadcasts over
-        any layer's slots and is never used. Sliding or chunked layers keep their own sizes.
+        any layer's slots and is never used. Other layer types keep their own sizes.
         """
         layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
-        if isinstance(layer, MMKVLayer) and any(
-            other.get_physical_length() < other.get_seq_length() for other in self.mmkv_layers
-        ):
+        if isinstance(layer, MMKVLayer) and self.is_compressed():
             return 1, layer.get_seq_length() + _query_length(query_length) - 1
         return super().get_mask_sizes(query_length, layer_idx)
-
-    def last_mmkv_layer(self) -> int:
-        """Index of the last layer mmkv compresses (the decoder's last layer unless it is sliding/chunked)."""
-        count = self.num_decoder_layers or len(self.layers)
-        if len(self.layers) >= count:
-            return max(i for i, layer in enumerate(self.layers) if isinstance(layer, MMKVLayer))
-        return count - 1
 
     def get_physical_length(self, layer_idx: int = 0) -> int:
         """Slots stored in a layer (the logical length is :meth:`get_seq_length`)."""
@@ -229,26 +253,45 @@ def _query_length(query_length) -> int:
     return query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length
 
 
-def _layers_from_config(config) -> list | None:
-    """One layer per decoder layer: an :class:`MMKVLayer` for full attention, transformers' own layer class
-    for every other type (sliding window, chunked, linear), which mmkv leaves alone. None when the config
-    does not say (then layers are created as they are used)."""
-    decoder = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+def _decoder_config(config):
+    if config is None:
+        return None
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def layer_kinds(decoder) -> tuple[list[str], list[dict]] | None:
+    """(layer types, their cache-layer kwargs) as transformers reads them from a decoder config, or None when the
+    config does not say (every layer full attention, created as it is used)."""
     describe = getattr(cache_utils, "get_layer_types_and_kwargs", None)
     if describe is not None:
-        layer_types, layer_kwargs = describe(decoder)
-    else:  # transformers before get_layer_types_and_kwargs: layer_types and the window are plain attributes
-        layer_types = getattr(decoder, "layer_types", None)
-        if layer_types is None:
+        return describe(decoder)
+    # transformers before get_layer_types_and_kwargs: the same reading DynamicCache(config=...) does there
+    window = getattr(decoder, "sliding_window", None) or getattr(decoder, "attention_chunk_size", None)
+    layer_types = getattr(decoder, "layer_types", None)
+    if layer_types is None:
+        if window is None:
             return None
-        window = getattr(decoder, "sliding_window", None) or getattr(decoder, "attention_chunk_size", None)
-        layer_kwargs = [{} if t == "full_attention" else {"sliding_window": window} for t in layer_types]
-    if all(t == "full_attention" for t in layer_types):
+        layer_types = [SLIDING] * decoder.num_hidden_layers
+    return list(layer_types), [{} if t == FULL else {"sliding_window": window} for t in layer_types]
+
+
+def _layers_from_config(decoder) -> list | None:
+    """One layer per decoder layer: an :class:`MMKVLayer` for full and sliding-window attention, transformers' own
+    layer class for every other type (chunked, linear), which mmkv leaves alone. None when the config does not
+    say (then layers are created as they are used)."""
+    kinds = layer_kinds(decoder)
+    if kinds is None:
         return None
-    return [
-        MMKVLayer() if kind == "full_attention" else cache_utils.DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
-        for kind, kwargs in zip(layer_types, layer_kwargs, strict=True)
-    ]
+    layer_types, layer_kwargs = kinds
+    ours = [kind in (FULL, SLIDING) for kind in layer_types]
+    count, layers = sum(ours), []
+    for kind, kwargs, mine in zip(layer_types, layer_kwargs, ours, strict=True):
+        if mine:
+            window = int(kwargs.get("sliding_window") or 0) if kind == SLIDING else 0
+            layers.append(MMKVLayer(rank=sum(isinstance(x, MMKVLayer) for x in layers), count=count, window=window))
+        else:
+            layers.append(cache_utils.DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
+    return layers
 
 
-__all__ = ["MMKVCache", "MMKVLayer", "Modality"]
+__all__ = ["MMKVCache", "MMKVLayer", "Modality", "layer_kinds"]

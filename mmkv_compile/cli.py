@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             print(f"mmkv demo: {exc}", file=sys.stderr)
             return 2
+        if settings.method != "full" and not result["compressed"]:
+            return 1  # nothing was compressed: the demo said why
         return 0 if result["full_budget_reproduces_tokens"] else 1
     return 2
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mmkv_compile.methods import METHODS, Method, build_method
@@ -20,7 +20,6 @@ class CompressionConfig:
     method: Method
     budget: float | int
     inductor: bool = True
-    report: list | None = field(default=None, compare=False)
 
     @property
     def policy(self) -> Policy:
@@ -30,7 +29,6 @@ class CompressionConfig:
     def from_options(cls, options: dict[str, Any] | None) -> CompressionConfig:
         """Parse ``torch.compile(..., options=...)``; raise ValueError naming any bad option."""
         options = dict(options or {})
-        report = options.pop("_report", None)
         name = options.pop("method", DEFAULT_METHOD)
         if not isinstance(name, str) or name not in METHODS:
             raise ValueError(f"method={name!r} is unknown; choose one of {', '.join(sorted(METHODS))}")
@@ -48,4 +46,4 @@ class CompressionConfig:
             )
         method = build_method(name, **options)
         method.validate(budget)
-        return cls(method=method, budget=budget, inductor=inductor, report=report)
+        return cls(method=method, budget=budget, inductor=inductor)

@@ -11,6 +11,7 @@ import logging
 import platform
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 import mmkv_compile
 from mmkv_compile.cache import MMKVCache
+from mmkv_compile.compat import output_cache
 
 
 @dataclass
@@ -33,27 +35,17 @@ class DemoSettings:
 
 def demo_model(images: int, seed: int = 0):
     """A LLaVA with a 4-layer GQA Llama decoder and ``images`` 14x14-patch images in its prompt."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from mmkv_compile.testing.tiny import tiny_llava
 
-    torch.manual_seed(seed)
-    image_token, vocab, image_size, patch = 1000, 1024, 112, 8
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=image_size, patch_size=patch, projection_dim=64)  # fmt: skip
-    text = LlamaConfig(vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=8192,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token)
-    model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
-    model.generation_config.pad_token_id = 0
-    per_image = (image_size // patch) ** 2
-    pieces = [torch.randint(3, 900, (1, 12))]
-    for _ in range(images):
-        pieces += [torch.full((1, per_image), image_token), torch.randint(3, 900, (1, 8))]
-    pieces.append(torch.randint(3, 900, (1, 24)))
-    ids = torch.cat(pieces, dim=1)
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-              "pixel_values": torch.randn(images, 3, image_size, image_size)}  # fmt: skip
-    return model, inputs
+    tiny = tiny_llava(layers=4, hidden=256, heads=8, kv_heads=2, image_size=112, patch=8, text_before=12,
+                      text_between=8, text_after=24, images=images, vision_hidden=64, vision_layers=2,
+                      vocab=1024, seed=seed)  # fmt: skip
+    return tiny.model, tiny.inputs
+
+
+def _kv_bytes(cache) -> int:
+    """Keys and values held by any transformers cache."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
 
 
 def _generate(model, inputs, new_tokens: int):
@@ -94,7 +86,7 @@ def run_demo(settings: DemoSettings, out=print) -> dict:
 
     bar.set_postfix_str("uncompiled reference")
     reference = _generate(model, inputs, settings.new_tokens)
-    full_bytes = reference.past_key_values.layers[0].keys.nbytes * 2 * len(reference.past_key_values.layers)
+    full_bytes = _kv_bytes(output_cache(reference))
     bar.update(1)
 
     bar.set_postfix_str("compiling (full budget and compressed)")
@@ -103,8 +95,20 @@ def run_demo(settings: DemoSettings, out=print) -> dict:
     full_run = _generate(full_model, inputs, settings.new_tokens)
     compressed_model, _ = demo_model(settings.images, settings.seed)
     mmkv_compile.compile(compressed_model, settings.method, settings.budget, inductor=settings.inductor)
-    compressed_run = _generate(compressed_model, inputs, settings.new_tokens)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compressed_run = _generate(compressed_model, inputs, settings.new_tokens)
     bar.update(1)
+    cache = output_cache(compressed_run)
+    if settings.method != "full" and not (isinstance(cache, MMKVCache) and cache.is_compressed()):
+        bar.close()
+        reasons = [str(w.message) for w in caught if issubclass(w.category, mmkv_compile.MMKVWarning)]
+        out(f"mmkv demo: {settings.method} at budget {settings.budget} compressed nothing on this prompt "
+            f"({prompt_len} tokens).")  # fmt: skip
+        for reason in reasons + report.warnings or ["no warning was given (please report this)"]:
+            out(f"  {reason}")
+        return {"prompt_tokens": prompt_len, "compressed": False, "reasons": reasons,
+                "full_budget_reproduces_tokens": None}  # fmt: skip
 
     bar.set_postfix_str("timing decode")
     rate_uncompiled = _decode_rate(model, inputs, settings.new_tokens, settings.repeats, bar)
@@ -112,12 +116,12 @@ def run_demo(settings: DemoSettings, out=print) -> dict:
     rate_compressed = _decode_rate(compressed_model, inputs, settings.new_tokens, settings.repeats, bar)
     bar.close()
 
-    cache: MMKVCache = compressed_run.past_key_values
     sizes = cache.nbytes()
     identical = torch.equal(full_run.sequences, reference.sequences)
     lm_sites = [s for phase, s in report.sites() if phase == "prefill" and s.cache == "mmkv"]
     other_sites = [s for phase, s in report.sites() if phase in ("prefill", "no mmkv cache") and s.cache != "mmkv"]
     result = {
+        "compressed": settings.method != "full",
         "prompt_tokens": prompt_len,
         "image_tokens": int((inputs["input_ids"] == model.config.image_token_index).sum()),
         "sites_rewritten": sum(s.evicts for s in lm_sites),

@@ -15,32 +15,33 @@ def slot_attention_mask(
     labels: torch.Tensor,
     positions: torch.Tensor,
     query: torch.Tensor,
-    dtype: torch.dtype | None = None,
+    window: int = 0,
+    parked: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
-    weighted: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Mask ``[B, Hq, Lq, S]`` for ``query [B, Hq, Lq, D]`` over slots with ``labels/positions [B, Hkv, S]``.
 
-    A slot is visible when it is valid and not after the query; each query also sees its own slot, so
-    padding rows stay finite. With ``weights``, a parked slot (negative weight) is not attended; with
-    ``weighted``, a slot standing for ``w`` tokens gets ``log w`` added to its logits, so it weighs in the
-    softmax as the ``w`` tokens it absorbed would (RetentiveKV's memory). Returns bool (True = attend) or,
-    with ``dtype`` or ``weighted``, an additive float mask.
+    A slot is visible when it is valid, not after the query and, under a sliding ``window``, less than
+    ``window`` positions before it; a ``parked`` slot (recycle bin) is not attended. Each query also sees its own
+    slot, so padding rows stay finite. With ``weights``, a slot standing for ``w`` tokens gets ``log w`` added to
+    its logits, so it weighs in the softmax as the ``w`` tokens it absorbed would (RetentiveKV's memory).
+    Returns bool (True = attend), or an additive float mask with ``dtype`` or ``weights``.
     """
     num_heads, num_new = query.shape[1], query.shape[2]
     seq = labels.shape[-1]
     groups = num_heads // labels.shape[1]
     query_slots = torch.arange(seq - num_new, seq, device=labels.device)
-    visible = visible_keys(labels, positions, query_slots)
-    if weights is not None:
-        visible = visible & (weights > 0).unsqueeze(-2)
+    visible = visible_keys(labels, positions, query_slots, window)
+    if parked is not None:
+        visible = visible & ~parked.unsqueeze(-2)
     own_slot = torch.arange(seq, device=labels.device).unsqueeze(0) == query_slots.unsqueeze(1)
     visible = (visible | own_slot).repeat_interleave(groups, dim=1)
-    if dtype is None and not weighted:
+    if dtype is None and weights is None:
         return visible
     dtype = dtype or query.dtype
     bias = torch.zeros(visible.shape, dtype=dtype, device=labels.device)
-    if weighted and weights is not None:
+    if weights is not None:
         log_weight = torch.log(weights.float().clamp(min=1e-30)).to(dtype)
         bias = bias + log_weight.repeat_interleave(groups, dim=1).unsqueeze(-2)
     return bias.masked_fill(~visible, torch.finfo(dtype).min)

@@ -1,10 +1,13 @@
 """The ``torch.ops.mmkv`` operators.
 
-``mmkv::cache_append``       appends a step's slots to a layer's cached state; the passes anchor on it.
-``mmkv::score_evict_merge``  scores the cached slots, evicts the least useful and returns the kept state.
+``mmkv::cache_append``        appends a step's slots to a layer's cached state; the passes anchor on it.
+``mmkv::score_evict_merge``   scores the cached slots, evicts the least useful and returns the kept state.
+``mmkv::layer_signal`` / ``mmkv::allocate_layer_budgets``      MEDA's and VL-Cache's per-layer budgets.
+``mmkv::head_demand`` / ``mmkv::compensate_layer_budgets``     MadaKV's per-layer budgets.
 
-Both are opaque custom ops: Dynamo and Inductor never trace into them. The CPU kernel is the PyTorch
-reference; CUDA uses the Triton kernels. ``MMKV_KERNEL=reference|triton`` forces one for debugging.
+All are opaque custom ops: Dynamo and Inductor never trace into them. A layer's state travels as the fields of
+:class:`~mmkv_compile.state.SlotState`, so both state-carrying schemas are built from that one tuple. The CPU
+kernel is the PyTorch reference; CUDA uses the Triton kernels. ``MMKV_KERNEL=reference|triton`` forces one.
 """
 
 from __future__ import annotations
@@ -14,10 +17,30 @@ import os
 import torch
 
 from mmkv_compile.kernels import reference
-from mmkv_compile.policy import Policy, output_length
+from mmkv_compile.policy import LayerPlacement, Policy, output_length
+from mmkv_compile.state import STATE_FIELDS, SlotState
 
-State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 KERNEL_CHOICES = ("auto", "reference", "triton")
+_STATE_ARGS = ", ".join(f"Tensor {name}" for name in STATE_FIELDS)
+_STATE_OUT = "(" + ", ".join("Tensor" for _ in STATE_FIELDS) + ")"
+_NEW_SLOTS = "Tensor new_keys, Tensor new_values, Tensor new_labels, Tensor new_positions"
+# Which layer appends, recorded in the graph as a constant argument of cache_append (a LayerPlacement string):
+# the pass reads the layer's rank, the cache's compressed-layer count and the layer's window from there.
+_LAYER_ARGS = "str placement"
+
+SCHEMAS = {
+    "cache_append": f"({_STATE_ARGS}, {_NEW_SLOTS}, {_LAYER_ARGS}) -> {_STATE_OUT}",
+    "score_evict_merge": (
+        f"(Tensor query, {_STATE_ARGS}, float scaling, str policy, bool prefill, "
+        f"Tensor? layer_budgets=None, Tensor? keep_positions=None) -> {_STATE_OUT}"
+    ),
+    "layer_signal": "(Tensor query, Tensor keys, Tensor labels, Tensor positions, float scaling, str signal, "
+    "int window) -> Tensor",
+    "allocate_layer_budgets": "(Tensor[] signals, float budget, float floor, str rule) -> Tensor",
+    "head_demand": "(Tensor query, Tensor keys, Tensor labels, Tensor positions, float scaling, str policy) -> Tensor",
+    "compensate_layer_budgets": "(Tensor[] demands, float budget, float cap) -> Tensor",
+}
+NUM_FIELDS = len(STATE_FIELDS)
 
 
 def kernel_choice(device: torch.device) -> str:
@@ -30,143 +53,137 @@ def kernel_choice(device: torch.device) -> str:
     return choice
 
 
-@torch.library.custom_op("mmkv::cache_append", mutates_args=())
-def cache_append(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    labels: torch.Tensor,
-    positions: torch.Tensor,
-    scores: torch.Tensor,
-    weights: torch.Tensor,
-    new_keys: torch.Tensor,
-    new_values: torch.Tensor,
-    new_labels: torch.Tensor,
-    new_positions: torch.Tensor,
-) -> State:
-    """Concatenate a step's slots after the cached ones (dim 2 of every state tensor); new slots start
-    with score 0 and weight 1."""
-    new_scores = torch.zeros(new_labels.shape, dtype=scores.dtype, device=scores.device)
-    new_weights = torch.ones(new_labels.shape, dtype=weights.dtype, device=weights.device)
-    old = (keys, values, labels, positions, scores, weights)
-    new = (new_keys, new_values, new_labels, new_positions, new_scores, new_weights)
-    return tuple(torch.cat([a, b], dim=2) for a, b in zip(old, new, strict=True))
+# -- cache_append -----------------------------------------------------------------------------------------
 
 
-def _with_length(state, length) -> State:
-    """Empty tensors shaped like ``state`` but with ``length`` slots (dim 2)."""
-    return tuple(t.new_empty((*t.shape[:2], length, *t.shape[3:])) for t in state)
+def _appended_length(old: int, new: int, window: int):
+    """Slots after an append: a one-token step under a sliding window keeps the ``window`` newest (the new
+    query sees itself and ``window - 1`` earlier tokens), as transformers' sliding layer does; a longer step
+    keeps every slot, since its own early queries still need them."""
+    if window and new == 1:
+        return torch.sym_min(old + new, window)
+    return old + new
 
 
-@cache_append.register_fake
-def _cache_append_fake(
-    keys, values, labels, positions, scores, weights, new_keys, new_values, new_labels, new_positions
-):
-    return _with_length((keys, values, labels, positions, scores, weights), keys.shape[2] + new_keys.shape[2])
+def _cache_append(*args) -> tuple[torch.Tensor, ...]:
+    """Concatenate a step's slots after the cached ones (dim 2 of every state tensor); new slots start with
+    score 0, weight 1 and not parked."""
+    state = SlotState(*args[:NUM_FIELDS])
+    new_keys, new_values, new_labels, new_positions, placement = args[NUM_FIELDS:]
+    window = LayerPlacement.from_string(placement).window
+    new = SlotState(
+        keys=new_keys,
+        values=new_values,
+        labels=new_labels,
+        positions=new_positions,
+        scores=torch.zeros(new_labels.shape, dtype=state.scores.dtype, device=new_labels.device),
+        weights=torch.ones(new_labels.shape, dtype=state.weights.dtype, device=new_labels.device),
+        parked=torch.zeros(new_labels.shape, dtype=torch.bool, device=new_labels.device),
+    )
+    length = _appended_length(state.keys.shape[2], new_keys.shape[2], window)
+    return tuple(torch.cat([old, add], dim=2)[:, :, -length:] for old, add in zip(state, new, strict=True))
 
 
-@torch.library.custom_op("mmkv::score_evict_merge", mutates_args=())
-def score_evict_merge(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    labels: torch.Tensor,
-    positions: torch.Tensor,
-    scores: torch.Tensor,
-    weights: torch.Tensor,
-    scaling: float,
-    policy: str,
-    prefill: bool,
-    budget_fractions: torch.Tensor | None = None,
-    head_budgets: torch.Tensor | None = None,
-    keep_positions: torch.Tensor | None = None,
-) -> State:
-    """Score every cached slot, keep the policy's budget, merge what the policy merges; return the kept
-    (keys, values, labels, positions, scores, weights).
+def _cache_append_fake(*args):
+    state = SlotState(*args[:NUM_FIELDS])
+    window = LayerPlacement.from_string(args[-1]).window
+    return tuple(state.with_length(_appended_length(state.keys.shape[2], args[NUM_FIELDS].shape[2], window)))
 
-    Budgets computed elsewhere in the graph replace the policy's own: ``budget_fractions`` (float ``[B]``)
-    a fraction per row (MEDA, VL-Cache), ``head_budgets`` (int64 ``[B, Hkv]``) slots per row and KV head
-    (MadaKV), ``keep_positions`` (int64 ``[B, K]``, -1 for none) the positions an earlier layer kept (HAE).
 
-    ``query`` holds the step's queries (the last ``query.shape[2]`` slots); ``policy`` is a
-    :class:`~mmkv_compile.policy.Policy` string; ``prefill`` says the cache held nothing before this step.
+# -- score_evict_merge ------------------------------------------------------------------------------------
+
+
+def _operator_args(args: tuple, layer_budgets, keep_positions):
+    """(state, scaling, policy, prefill, layer_budgets, keep_positions) from the operator's flat arguments (the
+    optional budgets arrive by keyword or by position)."""
+    scaling, policy, prefill, *extra = args[NUM_FIELDS:]
+    extra += [layer_budgets, keep_positions][len(extra) :]
+    return SlotState(*args[:NUM_FIELDS]), scaling, policy, prefill, extra[0], extra[1]
+
+
+def _score_evict_merge(query, *args, layer_budgets=None, keep_positions=None) -> tuple[torch.Tensor, ...]:
+    """Score every cached slot, keep the policy's budget, merge what the policy merges; return the kept state.
+
+    Budgets computed elsewhere in the graph replace the policy's own: ``layer_budgets`` (int64 ``[B]``) the
+    slots each row keeps at this layer (MEDA, VL-Cache, MadaKV), ``keep_positions`` (int64 ``[B, K]``, -1 for
+    none) the positions an earlier layer kept (HAE). ``query`` holds the step's queries (the last
+    ``query.shape[2]`` slots); ``policy`` is a :class:`~mmkv_compile.policy.Policy` string; ``prefill`` says
+    the cache held nothing before this step.
     """
-    if kernel_choice(keys.device) == "triton":
+    state, scaling, policy, prefill, layer_budgets, keep_positions = _operator_args(args, layer_budgets, keep_positions)
+    if kernel_choice(state.keys.device) == "triton":
         from mmkv_compile.kernels import triton_kernels
 
         kernel = triton_kernels.score_evict_merge
     else:
         kernel = reference.score_evict_merge
-    return kernel(
-        query, keys, values, labels, positions, scores, weights, scaling, policy, prefill,
-        budget_fractions, head_budgets, keep_positions,
-    )  # fmt: skip
+    return tuple(kernel(query, state, scaling, policy, prefill, layer_budgets, keep_positions))
 
 
-@score_evict_merge.register_fake
-def _score_evict_merge_fake(
-    query, keys, values, labels, positions, scores, weights, scaling, policy, prefill,
-    budget_fractions=None, head_budgets=None, keep_positions=None,
-):  # fmt: skip
-    pol = Policy.from_string(policy)
-    allocated = budget_fractions is not None or head_budgets is not None or keep_positions is not None
-    kept = None if allocated else output_length(pol, keys.shape[2], query.shape[2], prefill)
+def _score_evict_merge_fake(query, *args, layer_budgets=None, keep_positions=None):
+    state, _, policy, prefill, layer_budgets, _ = _operator_args(args, layer_budgets, keep_positions)
+    kept = None
+    if layer_budgets is None:
+        kept = output_length(Policy.from_string(policy), state.keys.shape[2], query.shape[2], prefill)
     if kept is None:
-        kept = torch.library.get_ctx().new_dynamic_size(min=0, max=keys.shape[2])
-    return _with_length((keys, values, labels, positions, scores, weights), kept)
+        kept = torch.library.get_ctx().new_dynamic_size(min=0, max=state.keys.shape[2])
+    return tuple(state.with_length(kept))
 
 
-@torch.library.custom_op("mmkv::layer_signal", mutates_args=())
-def layer_signal(
-    query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, scaling: float, signal: str
-) -> torch.Tensor:
-    """What a layer's attention measures per row ``[B]``, for budgets allocated across layers (MEDA, VL-Cache)."""
+# -- per-layer budgets ------------------------------------------------------------------------------------
+
+
+def _layer_signal(query, keys, labels, positions, scaling, signal, window):
     from mmkv_compile.kernels import layer_signals
 
-    return layer_signals.layer_signal(query, keys, labels, positions, scaling, signal)
+    return layer_signals.layer_signal(query, keys, labels, positions, scaling, signal, window)
 
 
-@layer_signal.register_fake
-def _layer_signal_fake(query, keys, labels, positions, scaling, signal):
-    return keys.new_empty((keys.shape[0],), dtype=torch.float32)
-
-
-@torch.library.custom_op("mmkv::allocate_layer_budgets", mutates_args=())
-def allocate_layer_budgets(signals: list[torch.Tensor], budget: float, floor: float, rule: str) -> torch.Tensor:
-    """Per-layer budget fractions ``[L, B]`` from each layer's signal ``[B]``, averaging to ``budget``."""
+def _allocate(signals, budget, floor, rule):
     from mmkv_compile.kernels import layer_signals
 
     return layer_signals.allocate_layer_budgets(torch.stack(signals), budget, floor, rule)
 
 
-@allocate_layer_budgets.register_fake
-def _allocate_fake(signals, budget, floor, rule):
-    return signals[0].new_empty((len(signals), signals[0].shape[0]))
-
-
-@torch.library.custom_op("mmkv::head_demand", mutates_args=())
-def head_demand(
-    query: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor, scaling: float, policy: str
-) -> torch.Tensor:
-    """What each KV head of a layer asks for, int64 ``[B, Hkv, 3]``: (coverage demand, valid slots, forced
-    slots), for budgets compensated from layer to layer (MadaKV)."""
+def _head_demand(query, keys, labels, positions, scaling, policy):
     from mmkv_compile.kernels import compensation
 
     return compensation.head_demand(query, keys, labels, positions, scaling, Policy.from_string(policy))
 
 
-@head_demand.register_fake
-def _head_demand_fake(query, keys, labels, positions, scaling, policy):
-    return keys.new_empty((*keys.shape[:2], 3), dtype=torch.int64)
-
-
-@torch.library.custom_op("mmkv::compensate_layer_budgets", mutates_args=())
-def compensate_layer_budgets(demands: list[torch.Tensor], budget: float, cap: float) -> torch.Tensor:
-    """Slots per layer, row and KV head, int64 ``[L, B, Hkv]``, from each layer's :func:`head_demand`."""
+def _compensate(demands, budget, cap):
     from mmkv_compile.kernels import compensation
 
     return compensation.compensate_layer_budgets(torch.stack(demands), budget, cap)
 
 
-@compensate_layer_budgets.register_fake
-def _compensate_fake(demands, budget, cap):
-    return demands[0].new_empty((len(demands), *demands[0].shape[:2]))
+for _name, _kernel, _fake in (
+    ("cache_append", _cache_append, _cache_append_fake),
+    ("score_evict_merge", _score_evict_merge, _score_evict_merge_fake),
+    ("layer_signal", _layer_signal, lambda q, k, *rest: k.new_empty((k.shape[0], 2), dtype=torch.float64)),
+    ("allocate_layer_budgets", _allocate, lambda s, *rest: s[0].new_empty((len(s), s[0].shape[0]), dtype=torch.int64)),
+    ("head_demand", _head_demand, lambda q, k, *rest: k.new_empty((*k.shape[:2], 3), dtype=torch.int64)),
+    ("compensate_layer_budgets", _compensate, lambda d, *rest: d[0].new_empty((len(d), d[0].shape[0]))),
+):
+    torch.library.custom_op(f"mmkv::{_name}", _kernel, mutates_args=(), schema=SCHEMAS[_name]).register_fake(_fake)
+
+CACHE_APPEND = torch.ops.mmkv.cache_append.default
+SCORE_EVICT_MERGE = torch.ops.mmkv.score_evict_merge.default
+LAYER_SIGNAL = torch.ops.mmkv.layer_signal.default
+ALLOCATE_LAYER_BUDGETS = torch.ops.mmkv.allocate_layer_budgets.default
+HEAD_DEMAND = torch.ops.mmkv.head_demand.default
+COMPENSATE_LAYER_BUDGETS = torch.ops.mmkv.compensate_layer_budgets.default
+
+
+def cache_append(state: SlotState, new: tuple, placement: str) -> SlotState:
+    """``mmkv::cache_append`` on a state and the step's (keys, values, labels, positions); ``placement`` is the
+    layer's :meth:`LayerPlacement.to_string`."""
+    return SlotState(*torch.ops.mmkv.cache_append(*state, *new, placement))
+
+
+def score_evict_merge(query, state: SlotState, scaling: float, policy: str, prefill: bool, **budgets) -> SlotState:
+    """``mmkv::score_evict_merge`` on a state (``budgets``: ``layer_budgets`` or ``keep_positions``)."""
+    return SlotState(*torch.ops.mmkv.score_evict_merge(query, *state, scaling, policy, prefill, **budgets))
+
+
+__all__ = ["KERNEL_CHOICES", "cache_append", "kernel_choice", "score_evict_merge"]

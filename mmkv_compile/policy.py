@@ -1,14 +1,18 @@
 """A compression policy: the settings of each stage of the one score-evict-merge operator.
 
-Stages, in order (see docs/design.md):
-  score   how useful each cached slot is (window attention, attention of all queries, recency)
-  budget  how many slots each (row, KV head) keeps
-  keep    slots that are always kept (sinks, recent window, whole modalities)
-  select  top-k by score among the rest
-  merge   what happens to evicted slots: dropped, or merged into their most similar kept slot
+Stages, in the order the operator runs them (docs/architecture.md):
+  score   how useful each cached slot is (window attention, attention of all queries, recency, ...)
+  budget  how many slots each (row, KV head) keeps at this layer: the budget's share of the prompt, spread
+          over layers by a layer schedule and over KV heads by a head rule; never more than the share
+  keep    which slots come first within that count: forced ones (sinks, recent window), then priority
+          modalities, then the rest by score
+  select  the top slots of that order
+  merge   what happens to the rest: dropped, merged into their most similar kept slot, absorbed into memory
+          slots, or parked in a recycle bin
 
-A method (``mmkv_compile.methods``) is a preset of these fields. The policy travels into the graph as
-one canonical string argument of ``torch.ops.mmkv.score_evict_merge``.
+A method (``mmkv_compile.methods``) is a preset of these stages. Each stage validates its settings where it is
+built: an unknown choice raises and names the allowed ones. The policy travels into the graph as one canonical
+string argument of ``torch.ops.mmkv.score_evict_merge`` (:meth:`Policy.to_string`).
 """
 
 from __future__ import annotations
@@ -16,102 +20,242 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
 
 import torch
 
-SCORES = ("none", "position", "window", "all_queries", "post_vision", "retention", "dual_attention")
-POOLS = ("none", "max", "avg")
-GROUP_REDUCTIONS = ("mean", "max")
-LAYER_SCHEDULES = ("uniform", "pyramid", "allocated", "compensated", "broadcast")
-LAYER_SIGNALS = ("cross_modal", "attention", "density")
-ALLOCATIONS = ("softmax", "proportional")
-HEAD_BUDGETS = ("uniform", "global_topk")
-MERGES = ("none", "avg", "pivot", "weighted", "absorb")
-MEMORY_SLOTS = 2  # merge="absorb": one memory slot for text, one for image/video/audio, at the front of a row
+BUDGET_DENOMINATOR = 1 << 16  # float budgets are exact fractions with at most this denominator
+
+MEMORY_SLOTS = 2  # merge "absorb": one memory slot for text, one for image/video/audio, at the front of a row
+
+
+def exact_fraction(value: float) -> Fraction:
+    """``value`` as an exact fraction, so slot counts are integer arithmetic on (Sym)ints everywhere."""
+    return Fraction(value).limit_denominator(BUDGET_DENOMINATOR)
+
+
+def _choose(stage: str, name: str, value, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{stage}.{name}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+
+
+def _in_range(stage: str, name: str, value, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{stage}.{name} must be a number in [{low}, {high}], got {value!r}")
+
+
+def _at_least(stage: str, name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{stage}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScoreStage:
+    """How useful each cached slot is.
+
+    ``kind``: ``none`` (all equal), ``position`` (recency), ``window`` (attention of the last ``window``
+    queries), ``all_queries`` (attention of every query), ``post_vision`` (of the queries after the last
+    image, VL-Cache), ``retention`` (window attention mixed with within-modality entropy, RetentiveKV),
+    ``dual_attention`` (HAE's global and individual attention of the text after the images).
+    """
+
+    KINDS = ("none", "position", "window", "all_queries", "post_vision", "retention", "dual_attention")
+    POOLS = ("none", "max", "avg")
+    GROUP_REDUCTIONS = ("mean", "max")
+
+    kind: str = "window"
+    window: int = 32
+    group_reduce: str = "mean"  # how the query heads of a GQA group are combined
+    pool: str = "none"  # 1-D pooling over neighbouring slots (prefill)
+    kernel_size: int = 5
+    accumulate: bool = False  # add each step's attention to the running score (H2O, TOVA-like decoding)
+    share_across_heads: bool = False  # one token set per layer: scores averaged over KV heads (TOVA)
+    retention_mix: float = 0.5  # kind "retention": weight of attention against entropy (RetentiveKV's lambda)
+    global_threshold: float = 0.0015  # kind "dual_attention": a visual token's share of the global attention
+    individual_threshold: float = 0.01  # kind "dual_attention": its largest attention from one text query
+
+    def __post_init__(self) -> None:
+        _choose("score", "kind", self.kind, self.KINDS)
+        _choose("score", "pool", self.pool, self.POOLS)
+        _choose("score", "group_reduce", self.group_reduce, self.GROUP_REDUCTIONS)
+        _at_least("score", "window", self.window, 1)
+        _at_least("score", "kernel_size", self.kernel_size, 1)
+        for name in ("retention_mix", "global_threshold", "individual_threshold"):
+            _in_range("score", name, getattr(self, name), 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class BudgetStage:
+    """How many slots a (row, KV head) keeps at a layer.
+
+    ``amount``: a float in (0, 1] keeps ``floor(amount * n)`` of a row's ``n`` tokens (those its layer can still
+    attend to), an int keeps that many. ``layer_schedule`` spreads that over layers: ``uniform``, ``pyramid``
+    (falling linearly, PyramidKV), ``allocated`` (from each layer's attention signal, MEDA and VL-Cache),
+    ``compensated`` (from each layer's coverage demand, MadaKV), ``broadcast`` (the first layer decides, HAE).
+    ``head_budget`` spreads a layer's budget over KV heads: ``uniform`` or ``global_topk`` (AdaKV; a head never
+    keeps more than the uniform share, since every head's slots are padded to the same length).
+    """
+
+    LAYER_SCHEDULES = ("uniform", "pyramid", "allocated", "compensated", "broadcast")
+    LAYER_SIGNALS = ("cross_modal", "attention", "density")
+    ALLOCATIONS = ("softmax", "proportional")
+    HEAD_BUDGETS = ("uniform", "global_topk")
+
+    amount: float | int = 0.5
+    layer_schedule: str = "uniform"
+    pyramid_beta: float = 20.0
+    layer_signal: str = "cross_modal"  # "allocated": what each layer measures
+    allocation: str = "softmax"  # "allocated": how the signals become budgets
+    layer_floor: float = 0.01  # "allocated": the smallest share of its tokens a layer keeps
+    coverage: float = 0.9  # "compensated": share of a modality's score mass a head's demand covers
+    compensation_cap: float = 2.0  # "compensated": a layer keeps at most this multiple of its even share
+    head_budget: str = "uniform"
+    head_floor: float = 0.2  # "global_topk": share of each head's uniform budget it always gets (AdaKV's alpha)
+
+    def __post_init__(self) -> None:
+        validate_budget(self.amount)
+        _choose("budget", "layer_schedule", self.layer_schedule, self.LAYER_SCHEDULES)
+        _choose("budget", "layer_signal", self.layer_signal, self.LAYER_SIGNALS)
+        _choose("budget", "allocation", self.allocation, self.ALLOCATIONS)
+        _choose("budget", "head_budget", self.head_budget, self.HEAD_BUDGETS)
+        _in_range("budget", "pyramid_beta", self.pyramid_beta, 1.0, math.inf)
+        _in_range("budget", "layer_floor", self.layer_floor, 0.0, 1.0)
+        _in_range("budget", "coverage", self.coverage, 0.0, 1.0)
+        _in_range("budget", "compensation_cap", self.compensation_cap, 1.0, math.inf)
+        _in_range("budget", "head_floor", self.head_floor, 0.0, 1.0)
+
+    @property
+    def is_fraction(self) -> bool:
+        return not isinstance(self.amount, int)
+
+    def fraction(self) -> Fraction:
+        """A float budget as an exact fraction, so counts are integer arithmetic on (Sym)ints."""
+        return exact_fraction(self.amount)
+
+    def uniform_count(self, live):
+        """Slots kept out of ``live`` at a layer before any schedule: an int, a SymInt or an int tensor."""
+        if isinstance(self.amount, int):
+            return (
+                torch.clamp(live, max=self.amount)
+                if isinstance(live, torch.Tensor)
+                else torch.sym_min(live, self.amount)
+            )
+        frac = self.fraction()
+        return live * frac.numerator // frac.denominator
+
+    def needs_all_layers(self) -> bool:
+        """Whether a layer's count depends on the other layers (two phases inside the prefill graph)."""
+        return self.layer_schedule in ("allocated", "compensated")
+
+
+@dataclass(frozen=True)
+class KeepStage:
+    """Which slots come first within a row's count: ``sinks`` first tokens and the ``recent`` newest ones
+    (or ``recent_fraction`` of the count) are forced; slots labelled one of ``priority_labels`` come next
+    (a text-first method spends its budget on text first); ``modality_split`` splits a head's free count
+    over modalities by their share of its scores (MadaKV). Forced slots shrink to fit the count."""
+
+    sinks: int = 0
+    recent: int = 0
+    recent_fraction: float = 0.0
+    priority_labels: tuple[int, ...] = ()
+    modality_split: bool = False
+
+    def __post_init__(self) -> None:
+        _at_least("keep", "sinks", self.sinks, 0)
+        _at_least("keep", "recent", self.recent, 0)
+        _in_range("keep", "recent_fraction", self.recent_fraction, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class MergeStage:
+    """What happens to evicted slots: ``none`` (dropped), ``avg``/``pivot``/``weighted`` (merged into the most
+    similar kept slot, LOOK-M and MEDA), ``absorb`` (into a text and a visual memory slot, RetentiveKV).
+    ``recycle_bin`` slots of a row are parked (held, scored, not attended) before deletion (HAE)."""
+
+    RULES = ("none", "avg", "pivot", "weighted", "absorb")
+
+    rule: str = "none"
+    min_retention: float = 0.5  # "absorb": the smallest factor a memory's weight is kept by per step
+    weighted_attention: bool = False  # a slot standing for w tokens gets log(w) added to its logits
+    recycle_bin: int = 0
+
+    def __post_init__(self) -> None:
+        _choose("merge", "rule", self.rule, self.RULES)
+        _in_range("merge", "min_retention", self.min_retention, 0.0, 1.0)
+        _at_least("merge", "recycle_bin", self.recycle_bin, 0)
+
+    @property
+    def memory_slots(self) -> int:
+        """Slots at the front of each row that hold absorbed tokens, else 0."""
+        return MEMORY_SLOTS if self.rule == "absorb" else 0
+
+
+@dataclass(frozen=True)
+class LayerPlacement:
+    """Where one operator call sits: its decoder layer, how many layers the cache has, and the layer's
+    attention window (0 for full attention). Set per site from the cache layer, never by a method."""
+
+    index: int = 0
+    count: int = 1
+    window: int = 0
+
+    def to_string(self) -> str:
+        """The form ``mmkv::cache_append`` records in the graph."""
+        return f"{self.index}:{self.count}:{self.window}"
+
+    @staticmethod
+    def from_string(text: str) -> LayerPlacement:
+        index, count, window = (int(part) for part in text.split(":"))
+        return LayerPlacement(index, count, window)
 
 
 @dataclass(frozen=True)
 class Policy:
-    """Stage settings of the operator. Build one through a method preset, not by hand."""
+    """Stage settings of the operator. Build one through a method preset (``mmkv_compile.methods``)."""
 
-    method: str
-    budget: float | int
-    score: str = "window"
-    window: int = 32
-    group_reduce: str = "mean"
-    pool: str = "none"
-    kernel_size: int = 5
-    accumulate: bool = False
-    sinks: int = 0
-    recent: int = 0
-    recent_fraction: float = 0.0
-    keep_labels: tuple[int, ...] = field(default_factory=tuple)
-    forced_in_budget: bool = True
+    method: str  # for reports only: nothing branches on it
+    score: ScoreStage = field(default_factory=ScoreStage)
+    budget: BudgetStage = field(default_factory=BudgetStage)
+    keep: KeepStage = field(default_factory=KeepStage)
+    merge: MergeStage = field(default_factory=MergeStage)
     evict_while_decoding: bool = False
-    merge: str = "none"
-    share_across_heads: bool = False  # one token set per layer: scores averaged over KV heads (TOVA)
-    layer_schedule: str = "uniform"  # how the budget is spread over layers
-    pyramid_beta: float = 20.0
-    layer_signal: str = "cross_modal"  # layer_schedule="allocated": what each layer measures (see layer_signals)
-    allocation: str = "softmax"  # layer_schedule="allocated": how the signals become budgets
-    layer_floor: float = 0.01  # layer_schedule="allocated": the smallest per-layer fraction
-    head_budget: str = "uniform"  # how a layer's budget is spread over KV heads
-    head_floor: float = 0.2  # global_topk: share of each head's uniform budget it always gets (AdaKV's alpha)
-    modality_split: bool = False  # a head's free budget split over modalities by their share of its scores (MadaKV)
-    coverage: float = 0.9  # compensated: share of a modality's score mass a head's demand covers (MadaKV's theta)
-    compensation_cap: float = 2.0  # compensated: a head keeps at most this multiple of its even share
-    retention_mix: float = 0.5  # score="retention": weight of attention against entropy (RetentiveKV's lambda)
-    min_retention: float = 0.5  # merge="absorb": the smallest factor a memory's weight is kept by per step
-    weighted_attention: bool = False  # a slot standing for w tokens gets log(w) added to its logits
-    global_threshold: float = 0.0015  # score="dual_attention": a visual token's share of the global attention
-    individual_threshold: float = 0.01  # score="dual_attention": its largest attention from one text query
-    recycle_bin: int = 0  # slots of a row's cache parked (kept, scored, not attended) before deletion (HAE)
-    layer: int = 0  # set per attention site by the passes
-    num_layers: int = 1
+    compress: bool = True  # False: the cache keeps every token (labels and positions still tracked)
+    placement: LayerPlacement = field(default_factory=LayerPlacement)
 
-    # -- derived facts the passes and the fake kernel need -------------------------------------
     @property
     def keeps_everything(self) -> bool:
-        """True when no slot can ever be evicted (``full``, or a float budget of 1.0)."""
-        return self.method == "full" or (isinstance(self.budget, float) and self.budget >= 1.0)
+        """True when no slot can ever be evicted (``compress=False``, or a float budget of 1.0)."""
+        return not self.compress or (self.budget.is_fraction and self.budget.amount >= 1.0)
 
     @property
     def static_output_length(self) -> bool:
         """Whether the kept length follows from shapes alone (no data-dependent size)."""
-        if self.keeps_everything:
-            return True
-        if self.score == "dual_attention" or self.layer_schedule in ("compensated", "broadcast"):
-            return False
-        return (self.forced_in_budget or not self.keep_labels) and self.head_budget == "uniform"
+        return self.keeps_everything or not self.budget.needs_all_layers()
 
-    @property
-    def memory_slots(self) -> int:
-        """Slots at the front of each row that hold absorbed tokens (``merge="absorb"``), else 0."""
-        return MEMORY_SLOTS if self.merge == "absorb" else 0
-
-    def at_layer(self, layer: int, num_layers: int) -> Policy:
-        """This policy for one decoder layer (per-layer schedules need to know which)."""
-        return dataclasses.replace(self, layer=layer, num_layers=num_layers)
+    def at_layer(self, placement: LayerPlacement) -> Policy:
+        """This policy for one decoder layer."""
+        return dataclasses.replace(self, placement=placement)
 
     def layer_share(self) -> Fraction:
-        """This layer's share of the mean per-layer budget (1 for a uniform schedule).
+        """This layer's share of the mean per-layer budget (1 unless the schedule is ``pyramid``).
 
         PyramidKV: an arithmetic sequence from ``2 - 1/beta`` at layer 0 down to ``1/beta`` at the last
-        layer; the shares average to 1, so the layers' budgets sum to the configured total.
+        layer; the shares average to 1, so the layers' budgets sum to at most the uniform total.
         """
-        if self.layer_schedule != "pyramid" or self.num_layers <= 1:
-            return Fraction(1)  # an allocated schedule's budgets arrive as per-row fractions instead
-        beta = Fraction(self.pyramid_beta).limit_denominator(1 << 12)
+        count = self.placement.count
+        if self.budget.layer_schedule != "pyramid" or count <= 1:
+            return Fraction(1)
+        beta = exact_fraction(self.budget.pyramid_beta)
         top, bottom = 2 - 1 / beta, 1 / beta
-        return top - (top - bottom) * self.layer / (self.num_layers - 1)
+        return top - (top - bottom) * self.placement.index / (count - 1)
 
     def to_string(self) -> str:
         """Canonical string form, the operator's ``policy`` argument."""
-        data = asdict(self)
-        data["budget_kind"] = "tokens" if isinstance(self.budget, int) else "fraction"
+        data = dataclasses.asdict(self)
+        data["budget"]["amount_kind"] = "tokens" if isinstance(self.budget.amount, int) else "fraction"
         return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     @staticmethod
@@ -119,55 +263,69 @@ class Policy:
         """Inverse of :meth:`to_string` (cached: the kernel parses it on every call)."""
         return _parse_policy(text)
 
-    def budget_fraction(self) -> Fraction:
-        """The float budget as an exact fraction, so lengths are integer arithmetic on (Sym)ints."""
-        return Fraction(self.budget).limit_denominator(1 << 16)
 
-
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=512)
 def _parse_policy(text: str) -> Policy:
     data = json.loads(text)
-    kind = data.pop("budget_kind")
-    data["budget"] = int(data["budget"]) if kind == "tokens" else float(data["budget"])
-    data["keep_labels"] = tuple(data["keep_labels"])
-    return Policy(**data)
+    budget = data["budget"]
+    kind = budget.pop("amount_kind")
+    budget["amount"] = int(budget["amount"]) if kind == "tokens" else float(budget["amount"])
+    data["keep"]["priority_labels"] = tuple(data["keep"]["priority_labels"])
+    return Policy(
+        method=data["method"],
+        score=ScoreStage(**data["score"]),
+        budget=BudgetStage(**budget),
+        keep=KeepStage(**data["keep"]),
+        merge=MergeStage(**data["merge"]),
+        evict_while_decoding=data["evict_while_decoding"],
+        compress=data["compress"],
+        placement=LayerPlacement(**data["placement"]),
+    )
 
 
-def ceil_fraction(n, frac: Fraction):
-    """``ceil(n * frac)`` in integer arithmetic; works for ints and SymInts."""
-    return (n * frac.numerator + frac.denominator - 1) // frac.denominator
-
-
-def output_length(policy: Policy, total: int, num_new: int, prefill: bool):
-    """Physical length the operator returns for ``total`` input slots, or None if it depends on data.
-
-    Works for ints and SymInts (the fake kernel calls it with symbolic sizes). Memory slots
-    (``merge="absorb"``) are added at prefill and carried through every later step.
-    """
-    if policy.keeps_everything:
+def live_length(total, window: int):
+    """Slots of ``total`` the next query can still attend to: all of them, or the ``window - 1`` newest under a
+    sliding window of ``window`` (the next query sees itself and ``window - 1`` earlier tokens)."""
+    if not window:
         return total
-    if not prefill and not isinstance(policy.budget, int):
-        return total - num_new  # held at the size it had before this step
-    if not policy.static_output_length:
-        return None
-    memory = policy.memory_slots
-    regular = total if prefill else total - memory
-    if isinstance(policy.budget, int):
-        return memory + torch.sym_min(regular, scheduled(policy, torch.sym_min(regular, policy.budget), regular))
-    return memory + scheduled(policy, ceil_fraction(regular, policy.budget_fraction()), regular)
+    return (
+        torch.sym_min(total, window - 1) if not isinstance(total, torch.Tensor) else torch.clamp(total, max=window - 1)
+    )
 
 
-def scheduled(policy: Policy, base, limit):
-    """Apply the layer schedule to a uniform per-layer count ``base`` (an int, SymInt or int tensor): the
-    forced recent window stays, the rest scales by the layer's share; never more than ``limit``."""
+def layer_count(policy: Policy, live):
+    """Slots a row keeps at this layer out of its ``live`` slots, for the single-phase schedules (uniform,
+    pyramid; broadcast's first layer): ints, SymInts or int tensors alike.
+
+    Pyramid: the recent window stays, the rest scales by the layer's share, rounded down, so the layers'
+    counts never sum to more than the uniform total.
+    """
+    base = policy.budget.uniform_count(live)
     share = policy.layer_share()
     if share == 1:
         return base
-    if isinstance(base, torch.Tensor):
-        spread = (base - policy.recent).clamp(min=0)
-        return torch.minimum(policy.recent + ceil_fraction(spread, share), limit)
-    spread = torch.sym_max(base - policy.recent, 0)
-    return torch.sym_min(policy.recent + ceil_fraction(spread, share), limit)
+    tensor = isinstance(base, torch.Tensor)
+    recent = torch.clamp(base, max=policy.keep.recent) if tensor else torch.sym_min(base, policy.keep.recent)
+    scaled = recent + (base - recent) * share.numerator // share.denominator
+    return torch.minimum(scaled, live) if tensor else torch.sym_min(scaled, live)
+
+
+def output_length(policy: Policy, total: int, num_new: int, prefill: bool):
+    """Physical slots the operator returns for ``total`` input slots, or None if that depends on data.
+
+    Works for ints and SymInts (the fake kernel calls it with symbolic sizes). Memory slots (merge
+    ``absorb``) are added at prefill and carried through every later step. While decoding, a float budget
+    holds each layer at the size it had before the step.
+    """
+    if policy.keeps_everything:
+        return total
+    memory = policy.merge.memory_slots
+    if not prefill and policy.budget.is_fraction:
+        return total - num_new
+    if not policy.static_output_length:
+        return None
+    regular = total if prefill else total - memory
+    return memory + layer_count(policy, live_length(regular, policy.placement.window))
 
 
 def validate_budget(budget) -> float | int:

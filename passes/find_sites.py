@@ -9,6 +9,7 @@ GQA style, scale as mul or div, casts and masks, where exact patterns are not.
 
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 import operator
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from mmkv_compile import ops  # noqa: F401  (registers torch.ops.mmkv)
+from mmkv_compile import ops
 from mmkv_compile.passes.graph_utils import (
     MATMUL_TARGETS,
     SDPA_TARGETS,
@@ -32,17 +33,40 @@ from mmkv_compile.passes.graph_utils import (
     strip_views,
 )
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
+from mmkv_compile.policy import LayerPlacement
 
-CACHE_APPEND = (torch.ops.mmkv.cache_append, torch.ops.mmkv.cache_append.default)
+CACHE_APPEND = (torch.ops.mmkv.cache_append, ops.CACHE_APPEND)
+
+
+class CacheKind(enum.Enum):
+    """Where an attention site's keys and values come from."""
+
+    MMKV = "mmkv"  # an MMKVCache layer (mmkv.cache_append)
+    TRANSFORMERS = "transformers_layer"  # a transformers cache layer (torch.cat): DynamicCache, chunked layers
+    STATIC = "static_cache"  # fixed buffers written in place
+    NONE = "none"  # no cache: a vision or audio encoder
+    UNKNOWN = "unknown"  # keys and values disagree
+
+
+class Decision(enum.Enum):
+    """What the passes did with a site."""
+
+    PENDING = "pending"  # found, not decided yet
+    COMPRESS = "compress"  # the operator compresses its layer at this step
+    APPEND = "append"  # this step only appends (a prefill-only method while decoding); the mask is rebuilt
+    KEEP = "keep"  # the method keeps every token
+    SKIP = "skip"  # left alone (``reason`` says why)
+
+
 NO_CACHE_REASON = "attention reads no KV cache (a vision or audio encoder, or use_cache=False)"
 DYNAMIC_CACHE_REASON = (
-    "K/V come from a transformers cache layer (torch.cat), not an MMKVLayer: a sliding-window or chunked "
-    "layer, which mmkv leaves alone, or a plain DynamicCache, whose length would shift positions after "
-    "eviction (use mmkv_compile.compile(model, ...) or pass past_key_values=mmkv_compile.MMKVCache(model.config))"
+    "K/V come from a transformers cache layer (torch.cat), not an MMKVLayer: a plain DynamicCache, whose "
+    "length would shift positions after eviction (use mmkv_compile.compile(model, ...), or pass "
+    "cache=mmkv_compile.MMKVCache(model.config))"
 )
-WINDOW_LAYER_REASON = (
-    "a sliding-window or chunked layer: MMKVCache keeps transformers' own cache layer and mask for it, "
-    "so mmkv leaves it uncompressed (the full-attention layers of this graph are compressed)"
+OTHER_LAYER_REASON = (
+    "a chunked-attention (or other non-full, non-sliding) layer: MMKVCache keeps transformers' own cache layer "
+    "and mask for it, so mmkv leaves it uncompressed (the other layers of this graph are compressed)"
 )
 STATIC_CACHE_REASON = (
     "K/V come from a StaticCache: fixed-size buffers written in place cannot shrink, so mmkv compiles the "
@@ -53,48 +77,76 @@ STATIC_CACHE_REASON = (
 
 @dataclass
 class AttentionSite:
-    """One attention call in a graph, what it reads, and what the passes did to it."""
+    """One attention call in a graph, what it reads, and what the passes decided for it."""
 
     anchor: fx.Node
     kind: str  # "sdpa" or "eager"
-    layer: int | None
+    layer: int | None  # decoder layer index, from the module stack (for reports)
     module: str
     query: fx.Node
     key: fx.Node
     value: fx.Node
-    cache: str  # "mmkv", "dynamic_cache", "static_cache" or "none"
+    cache: CacheKind
     state: fx.Node | None = None  # the mmkv.cache_append node
     scaling: float | None = None
     gqa_groups: int = 1
     mask_add: tuple[fx.Node, int] | None = None  # eager: the add that applies the mask, and the mask's arg index
     logits_use: tuple[fx.Node, int] | None = None  # eager: where the scaled logits are consumed
-    evicts: bool = False
+    decision: Decision = Decision.PENDING
     mask_rebuilt: bool = False
     reason: str = ""
+
+    def skip(self, reason: str) -> None:
+        """Leave the site alone, saying why."""
+        self.decision, self.reason = Decision.SKIP, reason
+
+    @property
+    def evicts(self) -> bool:
+        return self.decision is Decision.COMPRESS
 
     @property
     def rewritten(self) -> bool:
         return self.evicts or self.mask_rebuilt
 
+    @property
+    def reads_mmkv_state(self) -> bool:
+        return self.cache is CacheKind.MMKV and self.state is not None
 
-def classify_source(node: object) -> tuple[str, fx.Node | None, int | None]:
+
+def cache_layer_info(append: fx.Node) -> LayerPlacement:
+    """The appending layer's rank among the compressed layers, their count and its attention window."""
+    return LayerPlacement.from_string(append.args[-1])
+
+
+def is_prefill(append: fx.Node) -> bool:
+    """True when the cache held nothing before this append (its past length is statically 0)."""
+    past = example_value(append.args[0])
+    return past is not None and isinstance(past.shape[2], int) and past.shape[2] == 0
+
+
+def cache_appends(graph: fx.Graph) -> list[fx.Node]:
+    """Every ``mmkv.cache_append`` node of a graph, in order."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in CACHE_APPEND]
+
+
+def classify_source(node: object) -> tuple[CacheKind, fx.Node | None, int | None]:
     """(cache kind, cache_append node, output index) of the tensor ``node`` views."""
     src = strip_views(node)
     if not isinstance(src, fx.Node):
-        return "none", None, None
+        return CacheKind.NONE, None, None
     if src.op == "call_function" and src.target is operator.getitem and isinstance(src.args[1], int):
         parent = src.args[0]
         if isinstance(parent, fx.Node) and parent.op == "call_function" and parent.target in CACHE_APPEND:
-            return "mmkv", parent, src.args[1]
+            return CacheKind.MMKV, parent, src.args[1]
     if is_call(src, {torch.cat}):
-        return "dynamic_cache", None, None
+        return CacheKind.TRANSFORMERS, None, None
     if is_method(src, {"index_copy_", "index_copy", "index_put_"}) or (
-        src.op == "placeholder" and "past_key_values" in src.name
+        src.op == "placeholder" and ("past_key_values" in src.name or "_cache_" in src.name)
     ):
-        return "static_cache", None, None
+        return CacheKind.STATIC, None, None
     if any(is_method(user, {"index_copy_", "index_put_"}) for user in src.users):
-        return "static_cache", None, None
-    return "none", None, None
+        return CacheKind.STATIC, None, None
+    return CacheKind.NONE, None, None
 
 
 # Elementwise squashing applied to attention logits (soft-capping); it keeps their order.
@@ -224,12 +276,12 @@ class FindAttentionSites(GraphPass):
             else:
                 continue
             ctx.sites.append(self._describe(node, kind, fields))
-        if any(site.cache == "mmkv" for site in ctx.sites):
+        if any(site.cache is CacheKind.MMKV for site in ctx.sites):
             # The graph reads an MMKVCache, so a transformers layer beside its MMKVLayers is one MMKVCache
-            # built for a sliding-window or chunked layer type, not a plain DynamicCache.
+            # keeps for a layer type it leaves alone, not a plain DynamicCache.
             for site in ctx.sites:
-                if site.cache == "dynamic_cache":
-                    site.reason = WINDOW_LAYER_REASON
+                if site.cache is CacheKind.TRANSFORMERS:
+                    site.reason = OTHER_LAYER_REASON
         return len(ctx.sites)
 
     @staticmethod
@@ -238,18 +290,20 @@ class FindAttentionSites(GraphPass):
         value_cache, value_state, value_idx = classify_source(fields["value"])
         site = AttentionSite(anchor=anchor, kind=kind, layer=layer_index(anchor), module=module_path(anchor),
                              cache=key_cache, state=state, **fields)  # fmt: skip
-        if key_cache == "mmkv" and (value_state is not state or (key_idx, value_idx) != (0, 1)):
-            site.cache, site.state, site.reason = "unknown", None, "keys and values come from different cache updates"
-        elif key_cache != value_cache:
-            site.cache, site.reason = "unknown", f"keys come from {key_cache} but values from {value_cache}"
-        elif key_cache == "none":
-            site.reason = NO_CACHE_REASON
-        elif key_cache == "dynamic_cache":
-            site.reason = DYNAMIC_CACHE_REASON
-        elif key_cache == "static_cache":
-            site.reason = STATIC_CACHE_REASON
+        if key_cache is CacheKind.MMKV and (value_state is not state or (key_idx, value_idx) != (0, 1)):
+            site.cache, site.state = CacheKind.UNKNOWN, None
+            site.skip("keys and values come from different cache updates")
+        elif key_cache is not value_cache:
+            site.cache = CacheKind.UNKNOWN
+            site.skip(f"keys come from {key_cache.value} but values from {value_cache.value}")
+        elif key_cache is CacheKind.NONE:
+            site.skip(NO_CACHE_REASON)
+        elif key_cache is CacheKind.TRANSFORMERS:
+            site.skip(DYNAMIC_CACHE_REASON)
+        elif key_cache is CacheKind.STATIC:
+            site.skip(STATIC_CACHE_REASON)
         elif site.scaling is None:
-            site.reason = "the attention scale is not a constant"
+            site.skip("the attention scale is not a constant")
         query = example_value(site.query)
         keys = example_value(site.state.args[0] if site.state is not None else strip_views(site.key))
         if query is not None and keys is not None and keys.dim() == 4 and query.dim() == 4:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from mmkv_compile.config import CompressionConfig
+from mmkv_compile.policy import Policy
 
 
 @dataclass
@@ -21,16 +19,12 @@ class PassResult:
 
 @dataclass
 class RewriteContext:
-    """Shared state of one graph's pass pipeline: the config, the sites found, and the notes for reports."""
+    """What one graph's passes share: the policy, the attention sites found (each with its decision), and what
+    each pass matched."""
 
-    config: CompressionConfig
+    policy: Policy
     sites: list = field(default_factory=list)
     results: list[PassResult] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def policy(self):
-        return self.config.policy
 
 
 class GraphPass:
@@ -40,10 +34,6 @@ class GraphPass:
 
     def run(self, gm: fx.GraphModule, ctx: RewriteContext) -> int:
         raise NotImplementedError
-
-    def uuid(self) -> str:
-        """Hash of the pass's source, so caches keyed on it change when the pass does."""
-        return hashlib.sha256(inspect.getsource(type(self)).encode()).hexdigest()
 
 
 class PassManager:
@@ -58,6 +48,3 @@ class PassManager:
         gm.graph.lint()
         gm.recompile()
         return ctx.results
-
-    def uuid(self) -> str:
-        return hashlib.sha256("".join(p.uuid() for p in self.passes).encode()).hexdigest()

@@ -1,7 +1,8 @@
-"""Replace each rewritten site's attention mask with one built from the cached slots.
+"""Replace each decode site's attention mask with one built from the cached slots.
 
-Needed whenever the cache may already be compressed (every step after the prompt): padding, per-row
-budgets and evicted positions then live in the slots' labels and positions, not in transformers' mask.
+Needed whenever the cache may already be compressed (every step after the prompt): padding, per-row budgets,
+evicted positions, sliding windows and parked slots then live in the slots' labels and positions, not in
+transformers' mask.
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ import operator
 
 import torch.fx as fx
 
-from mmkv_compile.cache import STATE_FIELDS
 from mmkv_compile.masks import slot_attention_mask
+from mmkv_compile.passes.find_sites import Decision, cache_layer_info, is_prefill
 from mmkv_compile.passes.graph_utils import example_value, prune_orphans
-from mmkv_compile.passes.insert_op import is_prefill, state_outputs
+from mmkv_compile.passes.insert_op import state_fields
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
-
-LABELS, POSITIONS, WEIGHTS = (STATE_FIELDS.index(name) for name in ("labels", "positions", "weights"))
 
 
 class RewriteAttentionMasks(GraphPass):
@@ -25,27 +24,26 @@ class RewriteAttentionMasks(GraphPass):
     name = "rewrite_attention_masks"
 
     def run(self, gm: fx.GraphModule, ctx: RewriteContext) -> int:
-        if ctx.policy.method == "full":
-            return 0
+        merge = ctx.policy.merge
         count = 0
         for site in ctx.sites:
-            if site.cache != "mmkv" or site.state is None or is_prefill(site.state):
+            if site.decision not in (Decision.COMPRESS, Decision.APPEND) or is_prefill(site.state):
                 continue
-            if site.reason and not site.reason.endswith("this step appends"):
-                continue
-            getters = state_outputs(site.state)
+            state = state_fields(gm, site.state)
+            options = {"window": cache_layer_info(site.state).window}
+            if merge.recycle_bin:
+                options["parked"] = state.parked
+            if merge.weighted_attention:  # slots standing for several tokens weigh as those tokens
+                options["weights"] = state.weights
+            if site.kind == "eager":
+                query = example_value(site.query)
+                options["dtype"] = query.dtype if query is not None else None
             with gm.graph.inserting_before(self._insertion_point(site)):
-                labels, positions, weights = (
-                    getters.get(index) or gm.graph.call_function(operator.getitem, (site.state, index))
-                    for index in (LABELS, POSITIONS, WEIGHTS)
-                )
-                # weights matter only where slots can be parked or stand for several tokens in attention
-                uses_weights = ctx.policy.recycle_bin > 0 or ctx.policy.weighted_attention
-                slot_info = (labels, positions, weights if uses_weights else None, ctx.policy.weighted_attention)
+                mask = gm.graph.call_function(slot_attention_mask, (state.labels, state.positions, site.query), options)
                 if site.kind == "sdpa":
-                    self._sdpa(gm, site, slot_info)
+                    self._sdpa(gm, site, mask)
                 else:
-                    self._eager(gm, site, slot_info)
+                    self._eager(gm, site, mask)
             site.mask_rebuilt = True
             count += 1
         return count
@@ -58,9 +56,7 @@ class RewriteAttentionMasks(GraphPass):
         return site.mask_add[0] if site.mask_add is not None else site.logits_use[0]
 
     @staticmethod
-    def _sdpa(gm: fx.GraphModule, site, slot_info: tuple) -> None:
-        labels, positions, weights, weighted = slot_info
-        mask = gm.graph.call_function(slot_attention_mask, (labels, positions, site.query, None, weights, weighted))
+    def _sdpa(gm: fx.GraphModule, site, mask: fx.Node) -> None:
         anchor = site.anchor
         old = anchor.kwargs.get("attn_mask", anchor.args[3] if len(anchor.args) > 3 else None)
         args = list(anchor.args[:3]) + [mask] + list(anchor.args[4:])
@@ -73,11 +69,7 @@ class RewriteAttentionMasks(GraphPass):
         prune_orphans(gm.graph, [old])
 
     @staticmethod
-    def _eager(gm: fx.GraphModule, site, slot_info: tuple) -> None:
-        labels, positions, weights, weighted = slot_info
-        query = example_value(site.query)
-        dtype = query.dtype if query is not None else None
-        mask = gm.graph.call_function(slot_attention_mask, (labels, positions, site.query, dtype, weights, weighted))
+    def _eager(gm: fx.GraphModule, site, mask: fx.Node) -> None:
         if site.mask_add is not None:
             add, index = site.mask_add
             old = add.args[index]

@@ -101,9 +101,8 @@ def test_multi_token_continuation_matches_token_by_token():
     import mmkv_compile
     from mmkv_compile.bench.quality import continuation_logits
     from mmkv_compile.cache import MMKVCache
-    from mmkv_compile.tiny import tiny_llama
+    from mmkv_compile.testing.tiny import tiny_llama
 
-    torch._dynamo.reset()
     ids = torch.randint(3, 128, (1, 72), generator=torch.Generator().manual_seed(1))
     runs = {}
     for mode in ("step", "chunk"):
@@ -117,7 +116,7 @@ def test_multi_token_continuation_matches_token_by_token():
 def test_random_keep_keeps_the_budget_in_position_order():
     from mmkv_compile.bench.quality import keep_count, random_keep
     from mmkv_compile.cache import MMKVCache
-    from mmkv_compile.tiny import tiny_llama
+    from mmkv_compile.testing.tiny import tiny_llama
 
     tiny = tiny_llama(prompt_len=30)
     cache = MMKVCache(tiny.model.config)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build, generate
+from support import build, generate
 from transformers import DynamicCache
 
 import mmkv_compile
+from mmkv_compile.compat import output_cache
 
 
 def _left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,7 +79,7 @@ def test_decode_continues_from_logical_positions(name):
     model = mmkv_compile.compile(build(name).model, "snapkv", 0.5, inductor=False, window=4)
     with torch.no_grad():
         out = model(**tiny.inputs, use_cache=True)
-        cache = out.past_key_values
+        cache = output_cache(out)
         token = out.logits[:, -1:].argmax(-1)
         # No attention mask: the model derives positions from the cache (Qwen2-VL: plus its rope_deltas).
         step = model(input_ids=token, past_key_values=cache, use_cache=True)
@@ -124,7 +125,7 @@ def test_no_recompiles_after_second_decode_step(method, budget):
     model = mmkv_compile.compile(build("llava").model, method, budget, inductor=False)
     with torch.no_grad():
         out = model(**tiny.inputs, use_cache=True)
-        cache, mask = out.past_key_values, tiny.inputs["attention_mask"]
+        cache, mask = output_cache(out), tiny.inputs["attention_mask"]
 
         def step(out):
             nonlocal mask
@@ -146,7 +147,7 @@ def test_decode_time_methods_hold_the_cache_at_budget(method, budget):
     tiny = build("llama")
     model = mmkv_compile.compile(build("llama").model, method, budget, inductor=False)
     _, _, cache = generate(model, tiny.inputs, 64)
-    held = budget if isinstance(budget, int) else -(-tiny.inputs["input_ids"].shape[1] // 2)
+    held = budget if isinstance(budget, int) else tiny.inputs["input_ids"].shape[1] // 2
     assert cache.get_seq_length() == tiny.inputs["input_ids"].shape[1] + 63
     for layer in cache.layers:
         assert layer.keys.shape[2] == held

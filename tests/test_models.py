@@ -1,16 +1,20 @@
 """End to end on tiny Llama, LLaVA and Qwen2-VL (sdpa and eager): identity at full budget, compiled
-equal to the eagerly called operator, physical compression, modality labels."""
+equal to the eagerly called operator, physical compression, modality labels; sliding-window decoders with their
+real windows (Phi-3, Mistral) and interleaved ones (Gemma3)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ATTENTIONS, MODELS, build, generate
+from support import build, generate
 
 import mmkv_compile
 from mmkv_compile import MMKVCache, Modality
+from mmkv_compile.compat import output_cache
 
 STEPS = 8
+MODELS = ("llama", "llava", "qwen2_vl")
+ATTENTIONS = ("sdpa", "eager")
 CASES = [(m, a) for m in MODELS for a in ATTENTIONS]
 
 
@@ -74,7 +78,7 @@ def test_past_key_values_hold_the_kept_length():
     model = mmkv_compile.compile(build("llava").model, "snapkv", 0.25, inductor=False, window=4)
     _, _, cache = generate(model, tiny.inputs, STEPS)
     prompt = tiny.inputs["input_ids"].shape[1]
-    kept = -(-prompt // 4)  # ceil(0.25 * prompt)
+    kept = prompt // 4  # at most a quarter of the prompt
     for layer in cache.layers:
         assert layer.keys.shape[2] == layer.values.shape[2] == kept + STEPS - 1
         assert layer.labels.shape[2] == layer.positions.shape[2] == kept + STEPS - 1
@@ -95,22 +99,6 @@ def test_labels_count_image_placeholders(name):
         assert int((layer.labels == int(Modality.IMAGE)).sum(-1).unique().item()) == placeholders
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
-def test_text_prior_keeps_every_text_token(name):
-    tiny = build(name)
-    model = mmkv_compile.compile(build(name).model, "text_prior", 0.25, inductor=False, window=4)
-    _, _, cache = generate(model, tiny.inputs, 2)
-    ids = tiny.inputs["input_ids"][0]
-    text_positions = set(torch.nonzero(ids != tiny.image_token_id).flatten().tolist())
-    image_total = int((ids == tiny.image_token_id).sum())
-    for layer in cache.layers:
-        for head in range(layer.positions.shape[1]):
-            kept = set(layer.positions[0, head].tolist())
-            assert text_positions <= kept
-            kept_images = int((layer.labels[0, head] == int(Modality.IMAGE)).sum())
-            assert kept_images == -(-image_total // 4)
-
-
 def test_inductor_compiled_equals_eager_operator():
     """The default path: the rewritten graph compiled by Inductor (C++ on CPU)."""
     tiny = build("llava")
@@ -126,29 +114,71 @@ def test_inductor_compiled_equals_eager_operator():
 
 
 @pytest.mark.parametrize("attn", ATTENTIONS)
-def test_sliding_window_layers_are_left_alone(attn):
-    """Gemma3: full-attention layers are compressed; sliding-window layers keep transformers' own cache
-    layer and mask, and explain says so."""
+def test_interleaved_sliding_window_layers_compress_within_their_window(attn):
+    """Gemma3 (window 6, a 20-token prompt): full-attention layers keep floor(0.5 * 20) = 10 slots, sliding
+    layers floor(0.5 * 5) = 2 of the 5 tokens their next query can see; the full budget reproduces the
+    uncompiled model, and the compressed model equals the eager reference."""
     tiny = build("gemma3_text", attn)
     report = mmkv_compile.explain(tiny.model, "h2o", 0.5, **tiny.inputs)
     prefill = [s for phase, s in report.sites() if phase == "prefill"]
-    assert [s.evicts for s in prefill] == [False, True, False, True]
-    assert all("sliding-window" in s.reason for s in prefill if not s.evicts)
+    assert [s.evicts for s in prefill] == [True] * 4 and not report.warnings
     ref_tokens, ref_logits, _ = generate(tiny.model, tiny.inputs, STEPS)
     tokens, logits, _ = generate(
         mmkv_compile.compile(build("gemma3_text", attn).model, "full", inductor=False), tiny.inputs, STEPS
     )
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
-    tokens, logits, cache = generate(
-        mmkv_compile.compile(build("gemma3_text", attn).model, "h2o", 0.5, inductor=False), tiny.inputs, STEPS
-    )
+    compiled = mmkv_compile.compile(build("gemma3_text", attn).model, "h2o", 0.5, inductor=False)
+    with torch.no_grad():
+        cache = output_cache(compiled(**tiny.inputs, use_cache=True))
+    assert [layer.get_physical_length() for layer in cache.layers] == [2, 10, 2, 10]
+    tokens, logits, cache = generate(compiled, tiny.inputs, STEPS)
     ref_tokens, ref_logits, ref_cache = generate(
         mmkv_compile.apply_eagerly(build("gemma3_text", attn).model, "h2o", 0.5), tiny.inputs, STEPS
     )
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
-    assert [type(layer).__name__ for layer in cache.layers] == ["DynamicSlidingWindowLayer", "MMKVLayer"] * 2
     for layer, ref_layer in zip(cache.mmkv_layers, ref_cache.mmkv_layers, strict=True):
         assert torch.equal(layer.positions, ref_layer.positions)
         assert layer.get_physical_length() < layer.get_seq_length()
+
+
+@pytest.mark.parametrize("name,prompt", [("phi3", 245), ("mistral", 120)])
+def test_real_sliding_windows_compress_like_full_attention_inside_the_window(name, prompt):
+    """Phi-3 (sliding_window 2047) and Mistral-7B-v0.1 (4096): every layer is a sliding layer, and a prompt far
+    inside the window compresses exactly as a full-attention layer would."""
+    tiny = build(name, prompt_len=prompt)
+    model = mmkv_compile.compile(build(name, prompt_len=prompt).model, "snapkv", 0.25, inductor=False, window=4)
+    tokens, _, cache = generate(model, tiny.inputs, STEPS)
+    assert all(layer.window > prompt for layer in cache.mmkv_layers)
+    assert [layer.get_physical_length() for layer in cache.mmkv_layers] == [prompt // 4 + STEPS - 1] * 2
+    ref_tokens, _, ref_cache = generate(
+        mmkv_compile.apply_eagerly(build(name, prompt_len=prompt).model, "snapkv", 0.25, window=4), tiny.inputs, STEPS
+    )
+    assert torch.equal(tokens, ref_tokens)
+    for layer, ref_layer in zip(cache.mmkv_layers, ref_cache.mmkv_layers, strict=True):
+        assert torch.equal(layer.positions, ref_layer.positions)
+
+
+@pytest.mark.parametrize("method", ["full", "snapkv", "h2o"])
+def test_past_the_window_a_sliding_layer_keeps_its_budgets_share_of_the_window(method):
+    """Phi-3 with a 16-token window and a 40-token prompt: the next query sees 15 tokens, so snapkv keeps
+    floor(0.5 * 15) = 7; while decoding the layer never holds more than its window (like transformers' own
+    sliding layer). ``full`` reproduces the uncompiled model past the window."""
+    tiny = build("phi3", prompt_len=40, sliding_window=16)
+    ref_tokens, ref_logits, _ = generate(tiny.model, tiny.inputs, 20)
+    budget = 1.0 if method == "full" else 0.5
+    model = mmkv_compile.compile(build("phi3", prompt_len=40, sliding_window=16).model, method, budget,
+                                 inductor=False)  # fmt: skip
+    with torch.no_grad():
+        cache = output_cache(model(**tiny.inputs, use_cache=True))
+    if method != "full":
+        assert [layer.get_physical_length() for layer in cache.mmkv_layers] == [7, 7]
+    tokens, logits, cache = generate(model, tiny.inputs, 20)
+    assert all(layer.get_physical_length() <= 16 for layer in cache.mmkv_layers)
+    if method == "full":
+        assert torch.equal(tokens, ref_tokens)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    else:
+        eager = mmkv_compile.apply_eagerly(build("phi3", prompt_len=40, sliding_window=16).model, method, budget)
+        assert torch.equal(tokens, generate(eager, tiny.inputs, 20)[0])

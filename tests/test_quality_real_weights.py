@@ -56,7 +56,6 @@ def _labelled_as_image(context: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("method", sorted(set(METHODS) - {"full"}))
 def test_method_beats_random_eviction(setting, method):
     model, context, continuation, reference, random_kl = setting
-    torch._dynamo.reset()
     options = {"window": 32} if "window" in METHODS[method].parameters() else {}
     compiled = mmkv_compile.compile(model, method, BUDGET, inductor=False, **options)
     cache = MMKVCache(model.config)
@@ -65,10 +64,11 @@ def test_method_beats_random_eviction(setting, method):
             compiled(
                 input_ids=context, mm_token_type_ids=_labelled_as_image(context), past_key_values=cache, use_cache=True
             )
+            memory = 2 if method == "retentivekv" else 0
+            stored = sum(layer.get_physical_length() - memory for layer in cache.mmkv_layers)
             logits = compiled(input_ids=continuation, past_key_values=cache, use_cache=True).logits[0].float()
     finally:
         mmkv_compile.uncompile(model)
     kl, _ = kl_and_top1(reference, logits)
-    stored = sum(layer.get_physical_length() for layer in cache.mmkv_layers)
-    assert stored < len(cache.mmkv_layers) * CONTEXT  # it did compress (per-layer budgets may keep a layer whole)
+    assert stored <= len(cache.mmkv_layers) * int(BUDGET * CONTEXT)  # the budget is a bound, for every method
     assert kl < random_kl, f"{method}: KL {kl:.4f} vs random eviction {random_kl:.4f}"

@@ -74,6 +74,9 @@ CASES: dict[str, dict] = {
     ),
     "column_sums_splits_mean": dict(kind="column_sums", group=2, seq=61, dim=16, num_new=61, reduce="mean"),
     "column_sums_splits_max": dict(kind="column_sums", group=4, seq=35, dim=8, num_new=9, reduce="max"),
+    "column_sums_sliding_window": dict(
+        kind="column_sums", group=2, seq=53, dim=16, num_new=53, reduce="mean", attention_window=9
+    ),  # fmt: skip
     # Merge assignment alone: kept sets not multiples of the 16-slot tiles, duplicate kept keys (ties), zero
     # keys, a row and KV head with nothing kept.
     "nearest_fp32_d24": dict(kind="nearest", group=1, seq=45, kept_len=21, dim=24),
@@ -93,14 +96,14 @@ CASES: dict[str, dict] = {
     "look_m_pivot_via_ops": dict(
         method="look_m", options={"merge": "pivot"}, budget=0.5, group=2, seq=35, dim=16, label_mix=True, via_ops=True
     ),
-    "meda_budget_fractions_via_ops": dict(
-        method="meda", budget=0.4, group=2, seq=41, dim=16, label_mix=True, via_ops=True, budget_fractions=[0.3, 0.6]
+    "meda_layer_budgets_via_ops": dict(
+        method="meda", budget=0.4, group=2, seq=41, dim=16, label_mix=True, via_ops=True, layer_budgets=[12, 24]
     ),
-    "meda_budget_fractions_empty_row": dict(
-        method="meda", budget=0.4, group=1, seq=26, dim=8, label_mix=True, pad="all", budget_fractions=[0.5, 0.2]
+    "meda_layer_budgets_empty_row": dict(
+        method="meda", budget=0.4, group=1, seq=26, dim=8, label_mix=True, pad="all", layer_budgets=[13, 5]
     ),
-    # Budgets allocated elsewhere in the graph (MadaKV's per-head counts, HAE's broadcast positions).
-    "madakv_head_budgets": dict(
+    # Budgets allocated elsewhere in the graph (MadaKV's per-layer counts, HAE's broadcast positions).
+    "madakv_layer_budgets": dict(
         method="madakv",
         options={"window": 4},
         budget=0.5,
@@ -108,8 +111,15 @@ CASES: dict[str, dict] = {
         seq=38,
         dim=16,
         label_mix=True,
-        head_budgets=[[7, 19], [3, 0]],
-    ),
+        layer_budgets=[19, 3],
+    ),  # fmt: skip
+    # A sliding-window layer: windowed attention scores, only the slots the next query can see kept.
+    "snapkv_sliding_window": dict(
+        method="snapkv", options={"window": 6}, budget=0.5, group=2, seq=47, dim=16, attention_window=20
+    ),  # fmt: skip
+    "h2o_decode_sliding_window": dict(
+        method="h2o", budget=0.5, group=2, seq=40, dim=16, num_new=1, prefill=False, attention_window=16
+    ),  # fmt: skip
     "hae_keep_positions": dict(method="hae", budget=0.5, group=2, seq=34, dim=16, label_mix=True, keep_positions=9),
     # Per-layer signals: row 0 text, image, text; row 1 padded, text only (no visual token).
     "signal_attention_fp32": dict(kind="signal", signal="attention", group=2, seq=37, dim=16),
@@ -124,6 +134,9 @@ CASES: dict[str, dict] = {
     "signal_attention_bf16": dict(kind="signal", signal="attention", group=2, seq=33, dim=16, dtype="bfloat16"),
     "signal_cross_modal_fp16": dict(kind="signal", signal="cross_modal", group=2, seq=29, dim=16, dtype="float16"),
     "signal_density_via_ops": dict(kind="signal", signal="density", group=2, seq=31, dim=16, via_ops=True),
+    "signal_cross_modal_sliding_window": dict(
+        kind="signal", signal="cross_modal", group=2, seq=45, dim=16, attention_window=11
+    ),  # fmt: skip
 }
 
 
@@ -272,26 +285,28 @@ def make_inputs(params: dict, gen: torch.Generator, device: torch.device) -> dic
     return dict(
         query=query.to(device), keys=keys.to(device), values=values.to(device), labels=labels.to(device),
         positions=positions.to(device), scores=scores.to(device), weights=weights.to(device),
-        scaling=dim**-0.5, prefill=prefill,
+        parked=torch.zeros(labels.shape, dtype=torch.bool, device=device), scaling=dim**-0.5, prefill=prefill,
     )  # fmt: skip
 
 
 def policy_string(params: dict) -> str:
     from mmkv_compile.methods import build_method
+    from mmkv_compile.policy import LayerPlacement
 
     policy = build_method(params["method"], **params.get("options", {})).policy(params["budget"])
-    return policy.at_layer(params.get("layer", 0), params.get("num_layers", 1)).to_string()
+    placement = LayerPlacement(params.get("layer", 0), params.get("num_layers", 1), params.get("attention_window", 0))
+    return policy.at_layer(placement).to_string()
 
 
 def compare_outputs(got, want, dtype: torch.dtype, exact_kv: bool = True) -> str | None:
     """None when the Triton outputs match the reference's, else what differs. ``exact_kv=False`` allows float32
     rounding in keys and values (LOOK-M's weighted merge scales them by the similarity, rounded differently)."""
-    names = ("keys", "values", "labels", "positions", "scores", "weights")
+    names = ("keys", "values", "labels", "positions", "scores", "weights", "parked")
     problems = []
     for name, g, w in zip(names, got, want):
         if g.shape != w.shape or g.dtype != w.dtype:
             problems.append(f"{name}: shape/dtype {tuple(g.shape)} {g.dtype} != {tuple(w.shape)} {w.dtype}")
-        elif name in ("labels", "positions"):
+        elif name in ("labels", "positions", "parked"):
             if not torch.equal(g, w):
                 problems.append(f"{name} differ at {(g != w).nonzero()[:5].tolist()}\n got {g}\nwant {w}")
         elif name in ("scores", "weights"):
@@ -311,6 +326,7 @@ def run_case(params: dict, seed: int, device: torch.device) -> str | None:
     from mmkv_compile.kernels import reference as ref
     from mmkv_compile.kernels import triton_kernels as tk
     from mmkv_compile.policy import Policy
+    from mmkv_compile.state import SlotState
 
     gen = torch.Generator().manual_seed(seed)
     inputs = make_inputs(params, gen, device)
@@ -324,45 +340,45 @@ def run_case(params: dict, seed: int, device: torch.device) -> str | None:
         return check_signal(params, inputs)
 
     policy = policy_string(params)
-    args = [inputs[n] for n in ("query", "keys", "values", "labels", "positions", "scores", "weights")]
-    args += [inputs["scaling"], policy, inputs["prefill"]]
-    if params.get("budget_fractions") is not None:
-        args.append(torch.tensor(params["budget_fractions"], device=device))
-    if params.get("head_budgets") is not None:
-        args += [None, torch.tensor(params["head_budgets"], device=device)]
+    state = SlotState(*(inputs[n] for n in ("keys", "values", "labels", "positions", "scores", "weights", "parked")))
+    budgets = {}
+    if params.get("layer_budgets") is not None:
+        budgets["layer_budgets"] = torch.tensor(params["layer_budgets"], device=device)
     if params.get("keep_positions") is not None:  # some valid positions of each row, padded with -1
         valid_positions = torch.where(inputs["labels"][:, 0] != -1, inputs["positions"][:, 0], -1)
         chosen = valid_positions[
             :, torch.randperm(valid_positions.shape[-1], generator=gen)[: params["keep_positions"]]
         ]
-        args += [None, None, torch.cat([chosen, torch.full_like(chosen[:, :2], -1)], dim=-1)]
+        budgets["keep_positions"] = torch.cat([chosen, torch.full_like(chosen[:, :2], -1)], dim=-1)
+    call = (inputs["query"], state, inputs["scaling"], policy, inputs["prefill"])
     chunk = ref.QUERY_CHUNK
     ref.QUERY_CHUNK = params.get("query_chunk", chunk)  # both implementations read it at call time
     try:
-        want = ref.score_evict_merge(*args)
+        want = ref.score_evict_merge(*call, **budgets)
         if params.get("via_ops"):
             import mmkv_compile.ops  # noqa: F401  (registers torch.ops.mmkv)
 
             calls = []
             original = tk.score_evict_merge
-            tk.score_evict_merge = lambda *a: calls.append(1) or original(*a)
+            tk.score_evict_merge = lambda *a, **k: calls.append(1) or original(*a, **k)
             os.environ["MMKV_KERNEL"] = "triton"
             try:
-                got = torch.ops.mmkv.score_evict_merge(*args)
+                query, _, scaling, policy_text, prefill = call
+                got = torch.ops.mmkv.score_evict_merge(query, *state, scaling, policy_text, prefill, **budgets)
             finally:
                 del os.environ["MMKV_KERNEL"]
                 tk.score_evict_merge = original
             if calls != [1]:
                 return f"MMKV_KERNEL=triton did not dispatch to the Triton kernel (calls: {calls})"
         else:
-            got = tk.score_evict_merge(*args)
+            got = tk.score_evict_merge(*call, **budgets)
     finally:
         ref.QUERY_CHUNK = chunk
     error = compare_outputs(got, want, dtype, params.get("exact_kv", True))
     pol = Policy.from_string(policy)
-    if error is None and pol.merge != "none" and not bool((want[5] > 1 + inputs["weights"].max()).any()):
+    if error is None and pol.merge.rule != "none" and not bool((want[5] > 1 + inputs["weights"].max()).any()):
         error = "no kept slot received a merge: the case does not exercise the merge assignment"
-    if error is None and pol.score in ("window", "all_queries"):
+    if error is None and pol.score.kind in ("window", "all_queries"):
         # Guard against a vacuous pass: the attention scores must actually steer the selection.
         if not bool((want[4] > 0).any()):
             error = "reference scores are all zero: the case does not exercise the scoring kernels"
@@ -379,14 +395,16 @@ def check_column_sums(params: dict, inputs: dict, gen: torch.Generator) -> str |
     labels[0, 0, -2:] = -1  # two query rows with no visible key at all
     num_queries = params["num_new"]
     query = inputs["query"][:, :, -num_queries:]
+    window = params.get("attention_window", 0)
     want = ref.attention_column_sums(
-        query, inputs["keys"], labels, inputs["positions"], num_queries, inputs["scaling"], params["reduce"]
-    )
+        query, inputs["keys"], labels, inputs["positions"], num_queries, inputs["scaling"], params["reduce"],
+        window=window,
+    )  # fmt: skip
     problems = []
     for splits in (1, 3, None):
         got = tk.attention_column_sums(
             query, inputs["keys"], labels, inputs["positions"], num_queries, inputs["scaling"],
-            params["reduce"], key_splits=splits,
+            params["reduce"], key_splits=splits, window=window,
         )  # fmt: skip
         if not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
             problems.append(f"key_splits={splits}: max abs diff {(got - want).abs().max().item():.3g}")
@@ -463,10 +481,11 @@ def check_signal(params: dict, inputs: dict) -> str | None:
 
     labels = signal_labels(inputs)
     signal = params["signal"]
-    call = (inputs["query"], inputs["keys"], labels, inputs["positions"], inputs["scaling"], signal)
+    window = params.get("attention_window", 0)
+    call = (inputs["query"], inputs["keys"], labels, inputs["positions"], inputs["scaling"], signal, window)
     os.environ["MMKV_KERNEL"] = "reference"  # the torch version, on CUDA tensors too
     try:
-        want = ls.layer_signal(*call)
+        want = ls.layer_signal(*call)[:, 0].float()  # (signal, live slots): the signal
     finally:
         del os.environ["MMKV_KERNEL"]
     if params.get("via_ops"):
@@ -477,7 +496,7 @@ def check_signal(params: dict, inputs: dict) -> str | None:
         ts.layer_signal = lambda *a: calls.append(1) or original(*a)
         os.environ["MMKV_KERNEL"] = "triton"
         try:
-            got = torch.ops.mmkv.layer_signal(*call)
+            got = torch.ops.mmkv.layer_signal(*call)[:, 0].float()
         finally:
             del os.environ["MMKV_KERNEL"]
             ts.layer_signal = original

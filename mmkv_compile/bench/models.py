@@ -149,7 +149,7 @@ def _load_checkpoint(path: Path):
 
 
 def _tiny(spec: str, scale: TinyScale, device: str, dtype: torch.dtype) -> BenchModel:
-    from mmkv_compile import tiny
+    from mmkv_compile.testing import tiny
 
     sizes = dict(layers=scale.layers, hidden=scale.hidden, heads=scale.heads, kv_heads=scale.kv_heads)
     if spec == "tiny-llama":

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import asdict, dataclass, field
-from fractions import Fraction
 
 import torch
 from tqdm import tqdm
@@ -30,7 +29,7 @@ from mmkv_compile.bench import corpus, report
 from mmkv_compile.bench.kvpress_adapter import KVPress, has_press, kvpress_missing
 from mmkv_compile.bench.models import BenchModel, TinyScale, load_bench_model
 from mmkv_compile.cache import MMKVCache
-from mmkv_compile.policy import ceil_fraction
+from mmkv_compile.policy import BudgetStage
 
 ANSWER_TOKENS = 8
 CACHES = ("full", "mmkv", "random", "kvpress")  # the kinds of row: ceiling, product, floor, other library
@@ -124,10 +123,8 @@ def kl_and_top1(reference: torch.Tensor, logits: torch.Tensor) -> tuple[float, f
 
 
 def keep_count(budget: float | int, length: int) -> int:
-    """Slots kept out of ``length`` at ``budget``, as the operator counts them (ceil of a fraction)."""
-    if isinstance(budget, int):
-        return min(budget, length)
-    return ceil_fraction(length, Fraction(budget).limit_denominator(1 << 16))
+    """Slots kept out of ``length`` at ``budget``, as the operator counts them."""
+    return BudgetStage(amount=budget).uniform_count(length)
 
 
 def random_keep(cache: MMKVCache, budget: float | int, generator: torch.Generator) -> None:
@@ -214,7 +211,6 @@ def _run_full(state: _Bench, run: Run) -> dict:
 
 
 def _run_mmkv(state: _Bench, run: Run) -> dict:
-    torch._dynamo.reset()  # Dynamo's recompile limit is shared by every model of a class
     model = mmkv_compile.compile(state.bench.fresh(), run.method, run.budget, inductor=state.settings.inductor)
     cache = MMKVCache(model.config)
     logits = continuation_logits(model, state.context, state.continuation, cache, state.settings.teacher_forcing)

@@ -67,9 +67,9 @@ def setup(variant: Variant, model: torch.nn.Module, prompt_len: int) -> Callable
     elif variant.kind == "inductor":
         # The same hooks mmkv_compile.compile installs first, so the baseline does not pay graph breaks
         # that the product avoids.
-        from mmkv_compile.api import _install_output_hooks
+        from mmkv_compile.api import install_output_hooks
 
-        _install_output_hooks(model)
+        install_output_hooks(model)
         model.forward = torch.compile(type(model).forward.__get__(model))
     elif variant.kind == "mmkv":
         mmkv_compile.compile(model, variant.method, variant.budget)

@@ -49,7 +49,7 @@ def build_method(name: str, **params) -> Method:
     if unknown:
         names = ", ".join(allowed) or "none"
         raise ValueError(f"{name}: unknown parameter(s) {', '.join(unknown)}; its parameters are: {names}")
-    return cls(**params)
+    return cls(**params, explicit=frozenset(params))
 
 
 __all__ = ["METHODS", "Method", "build_method"]

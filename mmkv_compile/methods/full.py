@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmkv_compile.methods.base import Method
-from mmkv_compile.policy import Policy
+from mmkv_compile.policy import BudgetStage, Policy, ScoreStage
 
 
 @dataclass(frozen=True)
@@ -15,4 +15,4 @@ class Full(Method):
     description = "keep every token (labels and positions are still tracked)"
 
     def policy(self, budget: float | int) -> Policy:
-        return Policy(method=self.name, budget=1.0, score="none")
+        return Policy(method=self.name, score=ScoreStage(kind="none"), budget=BudgetStage(amount=1.0), compress=False)

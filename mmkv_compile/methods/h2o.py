@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmkv_compile.methods.base import Method, is_number
-from mmkv_compile.policy import Policy
+from mmkv_compile.methods.base import Method, check_number
+from mmkv_compile.policy import BudgetStage, KeepStage, Policy, ScoreStage
 
 
 @dataclass(frozen=True)
@@ -17,13 +17,11 @@ class H2O(Method):
     recent_ratio: float = 0.5
 
     def validate(self, budget: float | int) -> None:
-        if not is_number(self.recent_ratio) or not 0 <= self.recent_ratio <= 1:
-            raise ValueError(
-                f"h2o: recent_ratio must be a float in [0, 1] (share of the budget kept for recent tokens), got {self.recent_ratio!r}"
-            )
+        check_number(self.name, "recent_ratio", self.recent_ratio, 0, 1,
+                     "share of the budget kept for recent tokens")  # fmt: skip
 
     def policy(self, budget: float | int) -> Policy:
         return Policy(
-            method=self.name, budget=budget, score="all_queries", accumulate=True,
-            recent_fraction=float(self.recent_ratio), evict_while_decoding=True,
+            method=self.name, score=ScoreStage(kind="all_queries", accumulate=True), budget=BudgetStage(amount=budget),
+            keep=KeepStage(recent_fraction=float(self.recent_ratio)), evict_while_decoding=True,
         )  # fmt: skip

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmkv_compile.methods.base import Method, check_fits_budget, check_int, is_number
-from mmkv_compile.policy import Policy
+from mmkv_compile.methods.base import Method, check_int, check_number
+from mmkv_compile.policy import BudgetStage, KeepStage, MergeStage, Policy, ScoreStage
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,15 @@ class RetentiveKV(Method):
     def validate(self, budget: float | int) -> None:
         check_int(self.name, "window", self.window, 1)
         check_int(self.name, "recent", self.recent, 0)
-        check_fits_budget(self.name, "recent", self.recent, budget)
-        for name, value in (("lam", self.lam), ("min_retention", self.min_retention)):
-            if not is_number(value) or not 0 <= value <= 1:
-                raise ValueError(f"retentivekv: {name} must be a float in [0, 1], got {value!r}")
+        self.check_fits_budget("recent", budget)
+        check_number(self.name, "lam", self.lam, 0, 1, "weight of attention against entropy")
+        check_number(self.name, "min_retention", self.min_retention, 0, 1, "smallest per-step memory retention")
 
     def policy(self, budget: float | int) -> Policy:
         return Policy(
-            method=self.name, budget=budget, score="retention", window=self.window, recent=self.recent,
-            accumulate=True, evict_while_decoding=True, merge="absorb", retention_mix=float(self.lam),
-            min_retention=float(self.min_retention), weighted_attention=True,
+            method=self.name,
+            score=ScoreStage(kind="retention", window=self.window, accumulate=True, retention_mix=float(self.lam)),
+            budget=BudgetStage(amount=budget), keep=KeepStage(recent=self.recent),
+            merge=MergeStage(rule="absorb", min_retention=float(self.min_retention), weighted_attention=True),
+            evict_while_decoding=True,
         )  # fmt: skip

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmkv_compile.methods.base import Method, check_choice, check_fits_budget, check_int, check_odd
-from mmkv_compile.policy import GROUP_REDUCTIONS, POOLS, Policy
+from mmkv_compile.methods.base import Method, check_choice, check_int, check_odd
+from mmkv_compile.policy import BudgetStage, KeepStage, Policy, ScoreStage
 
 
 @dataclass(frozen=True)
@@ -23,12 +23,18 @@ class SnapKV(Method):
         check_int(self.name, "window", self.window, 1)
         check_int(self.name, "kernel_size", self.kernel_size, 1)
         check_odd(self.name, "kernel_size", self.kernel_size)
-        check_choice(self.name, "pool", self.pool, POOLS)
-        check_choice(self.name, "group_reduce", self.group_reduce, GROUP_REDUCTIONS)
-        check_fits_budget(self.name, "window", self.window, budget)
+        check_choice(self.name, "pool", self.pool, ScoreStage.POOLS)
+        check_choice(self.name, "group_reduce", self.group_reduce, ScoreStage.GROUP_REDUCTIONS)
+        self.check_fits_budget("window", budget)
+
+    def score(self) -> ScoreStage:
+        return ScoreStage(kind="window", window=self.window, pool=self.pool, kernel_size=self.kernel_size,
+                          group_reduce=self.group_reduce)  # fmt: skip
 
     def policy(self, budget: float | int) -> Policy:
-        return Policy(
-            method=self.name, budget=budget, score="window", window=self.window, pool=self.pool,
-            kernel_size=self.kernel_size, group_reduce=self.group_reduce, recent=self.window,
-        )  # fmt: skip
+        return Policy(method=self.name, score=self.score(), budget=self.budget_stage(budget),
+                      keep=KeepStage(recent=self.window))  # fmt: skip
+
+    def budget_stage(self, budget: float | int) -> BudgetStage:
+        """The budget stage (PyramidKV and AdaKV change only this)."""
+        return BudgetStage(amount=budget)

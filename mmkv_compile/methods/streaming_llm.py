@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmkv_compile.methods.base import Method, check_fits_budget, check_int
-from mmkv_compile.policy import Policy
+from mmkv_compile.methods.base import Method, check_int
+from mmkv_compile.policy import BudgetStage, KeepStage, Policy, ScoreStage
 
 
 @dataclass(frozen=True)
@@ -18,8 +18,9 @@ class StreamingLLM(Method):
 
     def validate(self, budget: float | int) -> None:
         check_int(self.name, "sinks", self.sinks, 0)
-        check_fits_budget(self.name, "sinks", self.sinks, budget)
+        self.check_fits_budget("sinks", budget)
 
     def policy(self, budget: float | int) -> Policy:
         # Recency is the score; sinks are forced. Positions stay the original ones (no pos-shift).
-        return Policy(method=self.name, budget=budget, score="position", sinks=self.sinks, evict_while_decoding=True)
+        return Policy(method=self.name, score=ScoreStage(kind="position"), budget=BudgetStage(amount=budget),
+                      keep=KeepStage(sinks=self.sinks), evict_while_decoding=True)  # fmt: skip

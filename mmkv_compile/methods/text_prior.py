@@ -1,4 +1,4 @@
-"""Text prior: keep every text token, spend the budget on image and video tokens by window attention."""
+"""Text prior: spend the budget on text first, then on image and video tokens by window attention."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ from dataclasses import dataclass
 
 from mmkv_compile.labels import Modality
 from mmkv_compile.methods.base import Method, check_choice, check_int, check_odd
-from mmkv_compile.policy import POOLS, Policy
+from mmkv_compile.policy import BudgetStage, KeepStage, Policy, ScoreStage
 
 
 @dataclass(frozen=True)
 class TextPrior(Method):
     name = "text_prior"
     paper = "the text prior of LOOK-M (Wan et al., EMNLP Findings 2024, arXiv 2406.18139), without merging"
-    description = "all text kept on top of the budget; the budget is the share of image/video tokens kept, by score"
+    description = (
+        "text first within the budget (the highest-scored text if it does not all fit), then image/video by score"
+    )
 
     window: int = 32
     kernel_size: int = 5
@@ -23,10 +25,11 @@ class TextPrior(Method):
         check_int(self.name, "window", self.window, 1)
         check_int(self.name, "kernel_size", self.kernel_size, 1)
         check_odd(self.name, "kernel_size", self.kernel_size)
-        check_choice(self.name, "pool", self.pool, POOLS)
+        check_choice(self.name, "pool", self.pool, ScoreStage.POOLS)
 
     def policy(self, budget: float | int) -> Policy:
         return Policy(
-            method=self.name, budget=budget, score="window", window=self.window, pool=self.pool,
-            kernel_size=self.kernel_size, keep_labels=(int(Modality.TEXT),), forced_in_budget=False,
+            method=self.name, score=ScoreStage(kind="window", window=self.window, pool=self.pool,
+                                               kernel_size=self.kernel_size),
+            budget=BudgetStage(amount=budget), keep=KeepStage(priority_labels=(int(Modality.TEXT),)),
         )  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mmkv_compile.methods.base import Method
-from mmkv_compile.policy import Policy
+from mmkv_compile.policy import BudgetStage, KeepStage, Policy, ScoreStage
 
 
 @dataclass(frozen=True)
@@ -16,5 +16,5 @@ class TOVA(Method):
 
     def policy(self, budget: float | int) -> Policy:
         # The newest token is always kept (it has no attention history yet to defend it).
-        return Policy(method=self.name, budget=budget, score="window", window=1, recent=1,
-                      share_across_heads=True, evict_while_decoding=True)  # fmt: skip
+        return Policy(method=self.name, score=ScoreStage(kind="window", window=1, share_across_heads=True),
+                      budget=BudgetStage(amount=budget), keep=KeepStage(recent=1), evict_while_decoding=True)  # fmt: skip

@@ -5,7 +5,7 @@ one-layer vision tower, a handful of image tokens; no download) and a prompt for
 image/video placeholders in a prompt is whatever the model's own ``get_image_features`` /
 ``get_video_features`` produce for the pixel inputs, so no builder hard-codes a token count.
 
-``python -m mmkv_compile.zoo --out docs/models.md`` runs every family through the matrix (attention
+``python -m mmkv_compile.testing.zoo --out docs/models.md`` runs every family through the matrix (attention
 sdpa/eager x cache DynamicCache/StaticCache x prefill/decode) and writes the coverage table from what
 the run measured. The library itself has no per-family code: these builders only make inputs.
 """
@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mmkv_compile.compat import output_cache
 from mmkv_compile.labels import Modality, modality_token_ids
-from mmkv_compile.tiny import _finish, _text_kwargs
+from mmkv_compile.testing.tiny import finish_model, text_config_kwargs
 
 VOCAB = 128
 TEXT_LOW, TEXT_HIGH = 3, 90  # random text tokens; special tokens live in [100, 128)
@@ -71,7 +72,7 @@ class Family:
 
 
 def _text(layers: int = 2, hidden: int = 64, heads: int = 4, kv_heads: int = 2, **extra) -> dict:
-    return {**_text_kwargs(layers, hidden, heads, kv_heads, VOCAB), **extra}
+    return {**text_config_kwargs(layers, hidden, heads, kv_heads, VOCAB), **extra}
 
 
 def _prompt(*parts) -> torch.Tensor:
@@ -104,7 +105,7 @@ def _feature_count(model, modality: str, **kwargs) -> int:
 
 
 def _make(cls, config, attn: str):
-    return _finish(cls._from_config(config, attn_implementation=attn))
+    return finish_model(cls._from_config(config, attn_implementation=attn))
 
 
 def _text_only(family: str, config_cls: str, model_cls: str, prompt_len: int = 24, **config_kwargs):
@@ -143,8 +144,9 @@ def _siglip(image_size: int = 16, patch: int = 4, **extra):
 build_llama = _text_only("llama", "LlamaConfig", "LlamaForCausalLM")
 build_qwen2 = _text_only("qwen2", "Qwen2Config", "Qwen2ForCausalLM")
 build_qwen3 = _text_only("qwen3", "Qwen3Config", "Qwen3ForCausalLM", head_dim=16)
-build_mistral = _text_only("mistral", "MistralConfig", "MistralForCausalLM", sliding_window=None)
-build_phi3 = _text_only("phi3", "Phi3Config", "Phi3ForCausalLM", sliding_window=None)
+# real sliding windows: Mistral-7B-v0.1's 4096 and Phi-3-mini's 2047 (every layer a sliding layer)
+build_mistral = _text_only("mistral", "MistralConfig", "MistralForCausalLM", sliding_window=4096)
+build_phi3 = _text_only("phi3", "Phi3Config", "Phi3ForCausalLM", sliding_window=2047)
 build_gemma2 = _text_only(
     "gemma2", "Gemma2Config", "Gemma2ForCausalLM", head_dim=16, sliding_window=8,
     layer_types=["sliding_attention", "full_attention"],
@@ -434,7 +436,7 @@ def generate(model, inputs: dict, steps: int = STEPS, **kwargs):
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                              return_dict_in_generate=True, output_logits=True, **kwargs)  # fmt: skip
-    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1), out.past_key_values
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1), output_cache(out)
 
 
 def same_outputs(a: tuple, b: tuple, atol: float = 1e-5) -> tuple[bool, bool]:
@@ -475,9 +477,12 @@ def label_errors(zoo: ZooModel, cache) -> list[str]:
 
 
 def label_counts(cache) -> dict[Modality, int]:
-    """Slots per modality in row 0, KV head 0 of each compressible layer (all layers must agree)."""
+    """Slots per modality in row 0, KV head 0 of each full-attention layer (all of them must agree; a sliding
+    layer holds only its window)."""
     counts = set()
     for layer in cache.mmkv_layers:
+        if layer.window:
+            continue
         labels = layer.labels[0, 0]
         counts.add(tuple(int((labels == int(m)).sum()) for m in (Modality.IMAGE, Modality.VIDEO)))
     if len(counts) != 1:
@@ -487,10 +492,12 @@ def label_counts(cache) -> dict[Modality, int]:
 
 
 def window_layers(model) -> list[int]:
-    """Decoder layers whose config type is not full attention (sliding window, chunked)."""
-    text = model.config.get_text_config(decoder=True)
-    types = getattr(text, "layer_types", None) or []
-    return [i for i, kind in enumerate(types) if kind != "full_attention"]
+    """Decoder layers MMKVCache leaves to transformers' own cache layer: neither full nor sliding-window
+    attention (chunked, linear)."""
+    from mmkv_compile.cache import FULL, SLIDING, layer_kinds
+
+    kinds = layer_kinds(model.config.get_text_config(decoder=True))
+    return [i for i, kind in enumerate(kinds[0] if kinds else []) if kind not in (FULL, SLIDING)]
 
 
 @dataclass
@@ -575,7 +582,7 @@ def run_dynamic(family: Family, attn: str, steps: int = STEPS) -> Row:
     with warnings.catch_warnings(record=True) as more:
         warnings.simplefilter("always")
         _, _, cache = generate(compressed.model, compressed.inputs, steps)
-    reports = compressed.model.forward.mmkv_reports
+    reports = mmkv_compile.compiled_reports(compressed.model)
     row.prefill, row.decode = phase_sites(reports, "prefill"), phase_sites(reports, "decode")
     layer = cache.mmkv_layers[0] if cache.mmkv_layers else None
     row.kept = (layer.get_physical_length(), layer.get_seq_length()) if layer is not None else None
@@ -599,7 +606,7 @@ def run_static(family: Family, attn: str, steps: int = STEPS) -> Row:
         warnings.simplefilter("always")
         out = generate(compiled.model, compiled.inputs, steps, cache_implementation="static")
     row.identity = same_outputs(ref, out)
-    reports = compiled.model.forward.mmkv_reports
+    reports = mmkv_compile.compiled_reports(compiled.model)
     row.prefill, row.decode = phase_sites(reports, "prefill"), phase_sites(reports, "no mmkv cache")
     row.warnings = _mmkv_warnings(caught)
     return row
@@ -607,7 +614,6 @@ def run_static(family: Family, attn: str, steps: int = STEPS) -> Row:
 
 def run_case(family: Family, attn: str, cache: str, raise_errors: bool = False, steps: int = STEPS) -> Row:
     """One matrix cell; a family transformers cannot build with ``attn`` is reported as skipped."""
-    torch._dynamo.reset()  # each cell compiles on its own; keeps guard lists (and their checks) short
     start = time.perf_counter()
     try:
         family.build(attn)
@@ -661,12 +667,12 @@ def to_markdown(rows: list[Row], command: str, seconds: float) -> str:
     lines = [
         "# Model coverage",
         "",
-        "<!-- generated by `python -m mmkv_compile.zoo --out docs/models.md`; do not edit by hand -->",
+        "<!-- generated by `python -m mmkv_compile.testing.zoo --out docs/models.md`; do not edit by hand -->",
         "",
         f"Generated by `{command}` on {platform.machine()} ({torch.__version__}, transformers "
         f"{importlib.import_module('transformers').__version__}), {time.strftime('%Y-%m-%d')}, in {seconds:.0f} s. "
         "Every row is a tiny random-weight model built from transformers' config classes by a builder in "
-        "`mmkv_compile/zoo.py` (2 decoder layers, a one-layer vision tower, a few image tokens; no download), "
+        "`mmkv_compile/testing/zoo.py` (2 decoder layers, a one-layer vision tower, a few image tokens; no download), "
         f"run through `generate` for {STEPS} new tokens. The library has no per-family code.",
         "",
         f"Summary: {len(passed)}/{len(dynamic)} DynamicCache cells pass every check; "
@@ -748,7 +754,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     rows = run_matrix(args.families)
     command = (
-        "python -m mmkv_compile.zoo --out "
+        "python -m mmkv_compile.testing.zoo --out "
         + args.out
         + (" --families " + " ".join(args.families) if args.families else "")
     )

@@ -22,7 +22,8 @@ class TinyModel:
     image_token_id: int | None
 
 
-def _text_kwargs(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int) -> dict:
+def text_config_kwargs(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int) -> dict:
+    """The decoder settings every tiny model shares (token ids 0-2 are pad, bos, eos)."""
     return dict(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -37,7 +38,8 @@ def _text_kwargs(layers: int, hidden: int, heads: int, kv_heads: int, vocab: int
     )
 
 
-def _finish(model: torch.nn.Module) -> torch.nn.Module:
+def finish_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Evaluation mode, and a pad token so ``generate`` does not warn."""
     model.eval()
     model.generation_config.pad_token_id = 0
     return model
@@ -57,8 +59,8 @@ def tiny_llama(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**_text_kwargs(layers, hidden, heads, kv_heads, vocab=128))
-    model = _finish(LlamaForCausalLM._from_config(config, attn_implementation=attn))
+    config = LlamaConfig(**text_config_kwargs(layers, hidden, heads, kv_heads, vocab=128))
+    model = finish_model(LlamaForCausalLM._from_config(config, attn_implementation=attn))
     input_ids = torch.randint(3, 128, (batch, prompt_len))
     return TinyModel("llama", model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, 0, None)
 
@@ -75,39 +77,42 @@ def tiny_llava(
     text_after: int = 10,
     batch: int = 1,
     seed: int = 0,
+    images: int = 1,
+    text_between: int = 0,
+    vision_hidden: int = 32,
+    vision_layers: int = 1,
+    vocab: int = 128,
 ) -> TinyModel:
-    """LLaVA: a CLIP vision tower, a projector and a Llama decoder; the image tokens sit inside the prompt."""
+    """LLaVA: a CLIP vision tower, a projector and a Llama decoder; the prompt is ``text_before`` text tokens,
+    then ``images`` images each followed by ``text_between`` text tokens, then ``text_after`` text tokens."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    vocab, image_token = 128, 100
+    image_token, text_high = vocab - 28, vocab - 38  # ids 3..text_high are text, image_token is reserved
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 2,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2 if vision_hidden <= 32 else 4,
         image_size=image_size,
         patch_size=patch,
-        projection_dim=32,
+        projection_dim=vision_hidden,
     )
-    text = LlamaConfig(**_text_kwargs(layers, hidden, heads, kv_heads, vocab))
+    text = LlamaConfig(**text_config_kwargs(layers, hidden, heads, kv_heads, vocab))
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token)
-    model = _finish(LlavaForConditionalGeneration._from_config(config, attn_implementation=attn))
+    model = finish_model(LlavaForConditionalGeneration._from_config(config, attn_implementation=attn))
     num_image = (image_size // patch) ** 2  # "default" feature strategy drops the CLS token
-    ids = torch.cat(
-        [
-            torch.randint(3, 90, (batch, text_before)),
-            torch.full((batch, num_image), image_token),
-            torch.randint(3, 90, (batch, text_after)),
-        ],
-        dim=1,
-    )
+    pieces = [torch.randint(3, text_high, (batch, text_before))]
+    for _ in range(images):
+        pieces += [torch.full((batch, num_image), image_token), torch.randint(3, text_high, (batch, text_between))]
+    pieces.append(torch.randint(3, text_high, (batch, text_after)))
+    ids = torch.cat(pieces, dim=1)
     inputs = {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
-        "pixel_values": torch.randn(batch, 3, image_size, image_size),
+        "pixel_values": torch.randn(batch * images, 3, image_size, image_size),
     }
-    return TinyModel("llava", model, inputs, num_image * batch, image_token)
+    return TinyModel("llava", model, inputs, num_image * images * batch, image_token)
 
 
 def tiny_qwen2_vl(
@@ -129,7 +134,7 @@ def tiny_qwen2_vl(
     image_token, video_token, vision_start, vision_end = 151, 152, 153, 154
     head_dim = hidden // heads
     text = dict(
-        **_text_kwargs(layers, hidden, heads, kv_heads, vocab),
+        **text_config_kwargs(layers, hidden, heads, kv_heads, vocab),
         rope_parameters={"rope_type": "default", "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
     )
     vision = dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, in_channels=3, patch_size=4,
@@ -142,7 +147,7 @@ def tiny_qwen2_vl(
         vision_start_token_id=vision_start,
         vision_end_token_id=vision_end,
     )
-    model = _finish(Qwen2VLForConditionalGeneration._from_config(config, attn_implementation=attn))
+    model = finish_model(Qwen2VLForConditionalGeneration._from_config(config, attn_implementation=attn))
     grid_h, grid_w = grid
     merge = vision["spatial_merge_size"]
     num_image = grid_h * grid_w // (merge * merge)
@@ -176,13 +181,52 @@ def tiny_gemma3_text(
     torch.manual_seed(seed)
     types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     config = Gemma3TextConfig(
-        **_text_kwargs(layers, 64, 4, 2, vocab=128), head_dim=16, sliding_window=window, layer_types=types
+        **text_config_kwargs(layers, 64, 4, 2, vocab=128), head_dim=16, sliding_window=window, layer_types=types
     )
-    model = _finish(Gemma3ForCausalLM._from_config(config, attn_implementation=attn))
+    model = finish_model(Gemma3ForCausalLM._from_config(config, attn_implementation=attn))
     input_ids = torch.randint(3, 128, (1, prompt_len))
     return TinyModel(
         "gemma3_text", model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, 0, None
     )
 
 
-BUILDERS = {"llama": tiny_llama, "llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "gemma3_text": tiny_gemma3_text}
+def tiny_decoder(
+    config_class: str,
+    model_class: str,
+    attn: str = "sdpa",
+    layers: int = 2,
+    prompt_len: int = 24,
+    seed: int = 0,
+    **config,
+) -> TinyModel:
+    """A text-only decoder of any transformers family, by its config and model class names, with ``config``'s
+    own settings (a real model's ``sliding_window``, say)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    settings = {**text_config_kwargs(layers, 64, 4, 2, vocab=128), **config}
+    model_config = getattr(transformers, config_class)(**settings)
+    model = finish_model(getattr(transformers, model_class)._from_config(model_config, attn_implementation=attn))
+    input_ids = torch.randint(3, 128, (1, prompt_len))
+    name = config_class.removesuffix("Config").lower()
+    return TinyModel(name, model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, 0, None)
+
+
+def tiny_phi3(attn: str = "sdpa", **kwargs) -> TinyModel:
+    """Phi-3's decoder with Phi-3-mini's real sliding window (2047): every layer is a sliding layer."""
+    return tiny_decoder("Phi3Config", "Phi3ForCausalLM", attn, **{"sliding_window": 2047, **kwargs})
+
+
+def tiny_mistral(attn: str = "sdpa", **kwargs) -> TinyModel:
+    """Mistral's decoder with Mistral-7B-v0.1's real sliding window (4096)."""
+    return tiny_decoder("MistralConfig", "MistralForCausalLM", attn, **{"sliding_window": 4096, **kwargs})
+
+
+BUILDERS = {
+    "llama": tiny_llama,
+    "llava": tiny_llava,
+    "qwen2_vl": tiny_qwen2_vl,
+    "gemma3_text": tiny_gemma3_text,
+    "phi3": tiny_phi3,
+    "mistral": tiny_mistral,
+}

@@ -1,0 +1,54 @@
+"""Differences between the transformers releases mmkv supports (5.2 to the newest 5.x), in one place.
+
+transformers 5.24 renamed the forward's cache argument and the outputs' cache field from ``past_key_values``
+to ``cache`` (the old name still works there, with a deprecation warning).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
+@functools.cache
+def _forward_takes(forward_type: type, name: str) -> bool:
+    try:
+        return name in inspect.signature(forward_type.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return False
+
+
+def cache_argument(model: Any) -> str:
+    """The name under which ``model``'s forward takes its KV cache: ``cache`` (transformers >= 5.24) or
+    ``past_key_values`` (earlier releases)."""
+    return "cache" if _forward_takes(type(model), "cache") else "past_key_values"
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Remove and return the cache a call passes under either name; passing both is an error."""
+    given = [name for name in CACHE_ARGUMENTS if kwargs.get(name) is not None]
+    if len(given) > 1:
+        raise ValueError("pass the cache once, as `cache` or as `past_key_values`, not both")
+    cache = kwargs.pop(given[0]) if given else None
+    for name in CACHE_ARGUMENTS:
+        kwargs.pop(name, None)
+    return cache
+
+
+def call_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a call passes under either name, or None."""
+    return next((kwargs[name] for name in CACHE_ARGUMENTS if kwargs.get(name) is not None), None)
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model or ``generate`` output returns (``.cache`` or ``.past_key_values``), or None."""
+    for name in CACHE_ARGUMENTS:
+        if isinstance(output, dict) and output.get(name) is not None:
+            return output[name]
+    return None
+
+
+__all__ = ["CACHE_ARGUMENTS", "cache_argument", "call_cache", "output_cache", "pop_cache"]

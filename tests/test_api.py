@@ -1,0 +1,250 @@
+"""The public entry points: options and their errors, fallbacks and their one warning, explain against what
+generate does, both names of transformers' cache argument, and compression that does not depend on what the
+process compiled before."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from support import build, generate
+from transformers import DynamicCache
+
+import mmkv_compile
+from mmkv_compile import MMKVCache, MMKVWarning
+from mmkv_compile.compat import cache_argument, output_cache
+from mmkv_compile.passes.insert_op import InsertScoreEvictMerge
+
+BAD_OPTIONS = [
+    ({"method": "snapkvv"}, "method='snapkvv' is unknown; choose one of"),
+    ({"budget": 0.0}, "budget=0.0"),
+    ({"budget": -3}, "budget=-3"),
+    ({"budget": 1.5}, "budget=1.5"),
+    ({"budget": "0.5"}, "budget must be a float in \\(0, 1\\]"),
+    ({"budget": True}, "budget must be"),
+    ({"method": "snapkv", "budget": 16, "window": 32}, "window=32 is larger than the budget"),
+    ({"method": "streaming_llm", "budget": 3, "sinks": 4}, "sinks=4 is larger than the budget"),
+    ({"method": "snapkv", "pool": "median"}, "pool='median' is not allowed; choose one of"),
+    ({"method": "snapkv", "window": 0}, "window must be an int >= 1"),
+    ({"method": "snapkv", "kernel_size": 4}, "kernel_size=4 must be odd"),
+    ({"method": "h2o", "recent_ratio": 2.0}, "recent_ratio must be a number in \\[0, 1\\]"),
+    ({"method": "snapkv", "sinks": 4}, "unknown option\\(s\\) sinks"),
+    ({"inductor": "yes"}, "inductor must be True or False"),
+]
+
+
+@pytest.mark.parametrize("options,message", BAD_OPTIONS, ids=[str(o) for o, _ in BAD_OPTIONS])
+def test_bad_option_raises_before_compiling(options, message):
+    tiny = build("llama")
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    with pytest.raises(ValueError, match=message):
+        mmkv_compile.compile(tiny.model, **options)
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames
+    assert "forward" not in tiny.model.__dict__  # the model was left alone
+
+
+def test_bad_option_through_torch_compile_names_the_option():
+    tiny = build("llama")
+    compiled = torch.compile(tiny.model, backend="mmkv", options={"budget": 2.5})
+    with pytest.raises(Exception, match="budget=2.5") as info:
+        compiled(**tiny.inputs)
+    cause = info.value
+    while cause is not None and not isinstance(cause, ValueError):
+        cause = cause.__cause__ or getattr(cause, "inner_exception", None)
+    assert isinstance(cause, ValueError)
+
+
+def _run(model, inputs, cache):
+    with torch.no_grad():
+        return model(**inputs, **{cache_argument(model): cache}, use_cache=True).logits
+
+
+def test_a_users_own_dynamic_cache_compiles_unchanged_with_one_warning():
+    tiny = build("llama")
+    reference = _run(tiny.model, tiny.inputs, DynamicCache())
+    options = {"method": "snapkv", "budget": 0.25, "inductor": False}
+    compiled = torch.compile(build("llama").model, backend="mmkv", options=options)
+    cache = DynamicCache()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logits = _run(compiled, tiny.inputs, cache)
+    ours = [w for w in caught if issubclass(w.category, MMKVWarning)]
+    assert len(ours) == 1 and "DynamicCache" in str(ours[0].message) and "snapkv" in str(ours[0].message)
+    torch.testing.assert_close(logits, reference, atol=1e-6, rtol=0)
+    assert cache.get_seq_length() == tiny.inputs["input_ids"].shape[1]  # nothing evicted: the user's cache
+
+
+def test_a_failing_pass_falls_back_to_the_unchanged_graph(monkeypatch):
+    def broken(self, gm, ctx):
+        raise RuntimeError("pattern not understood")
+
+    monkeypatch.setattr(InsertScoreEvictMerge, "run", broken)
+    tiny = build("llava")
+    reference = _run(tiny.model, tiny.inputs, MMKVCache(tiny.model.config))
+    model = mmkv_compile.compile(build("llava").model, "snapkv", 0.25, inductor=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(**tiny.inputs, use_cache=True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, MMKVWarning)]
+    assert any("pattern not understood" in m and "compiled unchanged" in m for m in messages)
+    torch.testing.assert_close(out.logits, reference, atol=1e-5, rtol=0)
+    assert output_cache(out).get_physical_length() == tiny.inputs["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_the_cache_argument_under_either_name(name):
+    """transformers 5.24 renamed the forward's ``past_key_values`` to ``cache``: a call passes it under either."""
+    tiny = build("llama")
+    model = mmkv_compile.compile(build("llama").model, "snapkv", 0.25, inductor=False, window=4)
+    cache = MMKVCache(tiny.model.config)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = model(**tiny.inputs, **{name: cache}, use_cache=True)
+    assert output_cache(out) is cache
+    assert cache.get_physical_length() == tiny.inputs["input_ids"].shape[1] // 4
+
+
+# -- explain --------------------------------------------------------------------------------------------------
+
+
+def test_explain_reports_every_graph_and_site():
+    tiny = build("llava")
+    report = mmkv_compile.explain(tiny.model, "h2o", 0.5, **tiny.inputs)
+    phases = {g.phase for g in report.graphs}
+    assert {"prefill", "decode"} <= phases
+    lm_sites = [s for phase, s in report.sites() if phase == "prefill" and s.cache == "mmkv"]
+    assert [s.layer for s in lm_sites] == [0, 1] and all(s.evicts and s.gqa_groups == 2 for s in lm_sites)
+    vision = [s for _, s in report.sites() if s.cache == "none"]  # generate may run the vision tower eagerly
+    assert not any(s.rewritten for s in vision)
+    decode = [s for phase, s in report.sites() if phase == "decode" and s.cache == "mmkv"]
+    assert decode and all(s.evicts and s.mask_rebuilt for s in decode)
+    text = str(report)
+    assert "layer   0" in text and "evict+mask" in text
+    assert report.to_dict()["graphs"][0]["sites"] is not None
+    assert "forward" not in tiny.model.__dict__  # explain leaves the model alone
+
+
+@pytest.mark.parametrize("method", ["look_m", "meda", "hae", "snapkv"])
+def test_explain_says_what_generate_does(method):
+    """explain runs generate through the same path: where it reports eviction at the prompt, generate's cache
+    is compressed, layer by layer, with the same warnings."""
+    tiny = build("llava")
+    report = mmkv_compile.explain(build("llava").model, method, 0.3, **tiny.inputs)
+    model = mmkv_compile.compile(build("llava").model, method, 0.3, inductor=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, cache = generate(model, tiny.inputs, 2)
+    ours = {str(w.message) for w in caught if issubclass(w.category, MMKVWarning)}
+    evicting = sorted({s.layer for p, s in report.sites() if p == "prefill" and s.evicts})
+    compressed = [i for i, layer in enumerate(cache.mmkv_layers) if layer.is_compressed()]
+    assert evicting == compressed == [0, 1]
+    assert set(report.warnings) == ours
+
+
+# -- the backend's own route ------------------------------------------------------------------------------
+
+
+def _python(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON")}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=os.path.dirname(__file__))  # fmt: skip
+
+
+TORCH_COMPILE_ROUTE = """
+import json, sys, warnings, torch
+from support import build
+from mmkv_compile.compat import output_cache
+warnings.simplefilter("always")
+options = {"method": "snapkv", "budget": 0.25, "inductor": False, "window": 4}
+kept = {}
+for name in ("llama", "llava"):
+    tiny = build(name)
+    compiled = torch.compile(tiny.model, backend="mmkv", options=options)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lengths = [[l.keys.shape[-2] for l in output_cache(compiled(**tiny.inputs)).layers] for _ in range(2)]
+        step = compiled(**tiny.inputs)
+        token = step.logits[:, -1:].argmax(-1)
+        mask = torch.cat([tiny.inputs["attention_mask"], torch.ones_like(token)], -1)
+        after = compiled(input_ids=token, attention_mask=mask, past_key_values=output_cache(step))
+    kept[name] = {"lengths": lengths, "decode": [l.keys.shape[-2] for l in output_cache(after).layers],
+                  "logical": output_cache(after).get_seq_length(), "prompt": tiny.inputs["input_ids"].shape[1],
+                  "warnings": [str(w.message) for w in caught if "mmkv" in str(w.message)]}
+print(json.dumps(kept))
+"""
+
+
+def test_torch_compile_with_the_mmkv_backend_compresses_plain_calls():
+    """``torch.compile(model, backend="mmkv", options=...)`` and plain calls, with no cache built by hand, in a
+    fresh process. A text decoder compresses from its first call; LLaVA's graph breaks before its decoder, so its
+    first call runs uncompressed and says so, and every call after it compresses; decoding continues from the
+    logical positions."""
+    result = _python(TORCH_COMPILE_ROUTE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kept = json.loads(result.stdout.strip().splitlines()[-1])
+    llama, llava = kept["llama"], kept["llava"]
+    assert llama["lengths"] == [[llama["prompt"] // 4] * 2] * 2 and not llama["warnings"]
+    assert llava["lengths"][0] == [llava["prompt"]] * 2 and llava["lengths"][1] == [llava["prompt"] // 4] * 2
+    assert len(llava["warnings"]) == 1 and "first call ran uncompressed" in llava["warnings"][0]
+    for model in (llama, llava):
+        assert model["decode"] == [model["prompt"] // 4 + 1] * 2 and model["logical"] == model["prompt"] + 1
+
+
+# -- isolation ------------------------------------------------------------------------------------------------
+
+ISOLATION = """
+import json, random, sys, warnings, torch
+from support import build
+import mmkv_compile
+from mmkv_compile.compat import output_cache
+warnings.simplefilter("ignore")
+methods = json.loads(sys.argv[1])
+first = sys.argv[2] == "fallbacks-first"
+tiny = build("llava")
+if first:  # what a notebook did before: uncompiled runs, a StaticCache fallback, a pass that fails
+    with torch.no_grad():
+        tiny.model.generate(**tiny.inputs, max_new_tokens=2, do_sample=False)
+        static = mmkv_compile.compile(build("llava").model, "snapkv", 0.5)
+        static.generate(**tiny.inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+        torch.compile(build("llama").model, backend="mmkv", options={"budget": 0.5})(**build("llama").inputs)
+kept = {}
+for method in methods:
+    model = mmkv_compile.compile(build("llava").model, method, 0.3, inductor=method in ("h2o", "look_m"))
+    with torch.no_grad():
+        cache = output_cache(model(**tiny.inputs, use_cache=True))
+    kept[method] = [layer.positions[0].tolist() for layer in cache.mmkv_layers]
+print(json.dumps(kept))
+"""
+
+
+def _kept(methods: list[str], fallbacks_first: bool) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", ISOLATION, json.dumps(methods), "fallbacks-first" if fallbacks_first else "alone"],
+        capture_output=True, text=True, timeout=1500, cwd=os.path.dirname(__file__),
+        env={k: v for k, v in os.environ.items() if not k.startswith("TRITON")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_every_method_compresses_in_one_process_as_it_does_alone():
+    """Every method compiled one after another in one process, in a shuffled order after uncompiled runs and
+    fallbacks, keeps exactly the positions it keeps alone in a fresh process."""
+    methods = sorted(set(mmkv_compile.methods()) - {"full"})
+    order = methods[:]
+    import random
+
+    random.Random(7).shuffle(order)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        together = pool.submit(_kept, order, True)
+        alone = dict(kv for part in pool.map(lambda m: _kept([m], False), methods) for kv in part.items())
+        together = together.result()
+    for method in methods:
+        assert together[method] == alone[method], method
