@@ -54,6 +54,17 @@ def _hook(model) -> None:
         model.register_forward_pre_hook(give_mmkv_cache, with_kwargs=True)
 
 
+def _model_call(frame_locals: dict) -> tuple[Any, tuple, Any]:
+    """(model, positional args, kwargs) of a frame that calls a model's forward: the forward itself
+    (``self``), or a decorator around it that holds the model as its first positional argument (transformers
+    5.24 wraps ``forward`` in ``deprecate_kwarg``, renaming ``past_key_values`` to ``cache``)."""
+    args, kwargs = frame_locals.get("args", ()), frame_locals.get("kwargs")
+    model = frame_locals.get("self")
+    if model is None and isinstance(args, tuple) and args and isinstance(args[0], torch.nn.Module):
+        model, args = args[0], args[1:]
+    return model, args, kwargs
+
+
 def _takes_tokens_without_cache(model, args, kwargs) -> bool:
     """A model's forward called with tokens and without a cache (so the model will build a DynamicCache)."""
     from transformers import PreTrainedModel
@@ -79,7 +90,7 @@ def adopt_traced_call() -> bool:
         frame_locals, name = tx.f_locals, tx.f_code.co_name
     except Exception:  # noqa: BLE001 - Dynamo's internals moved: no adoption, the caller warns
         return False
-    model, args, kwargs = frame_locals.get("self"), frame_locals.get("args", ()), frame_locals.get("kwargs")
+    model, args, kwargs = _model_call(frame_locals)
     if name.startswith("torch_dynamo_resume") or not _takes_tokens_without_cache(model, args, kwargs):
         return False  # (the rest of a frame a graph break split started without us)
     _hook(model)
@@ -94,9 +105,9 @@ def hook_outer_model() -> bool:
     get one. True when a model was newly hooked."""
     frame, outer = sys._getframe(1), None
     while frame is not None:
-        local = frame.f_locals
-        if _takes_tokens_without_cache(local.get("self"), local.get("args", ()), local.get("kwargs")):
-            outer = local["self"]
+        model, args, kwargs = _model_call(frame.f_locals)
+        if _takes_tokens_without_cache(model, args, kwargs):
+            outer = model
         frame = frame.f_back
     if outer is None or any(hook is give_mmkv_cache for hook in outer._forward_pre_hooks.values()):
         return False

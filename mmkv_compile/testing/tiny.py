@@ -6,6 +6,7 @@ model-specific constant: the number of image tokens follows from the vision conf
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -167,8 +168,9 @@ def tiny_qwen2_vl(
         "attention_mask": torch.ones_like(ids),
         "pixel_values": torch.randn(grid_h * grid_w, patch_dim),
         "image_grid_thw": torch.tensor([[1, grid_h, grid_w]]),
-        "mm_token_type_ids": (ids == image_token).long(),
     }
+    if "mm_token_type_ids" in inspect.signature(type(model).forward).parameters:  # (transformers before 5.3: no)
+        inputs["mm_token_type_ids"] = (ids == image_token).long()
     return TinyModel("qwen2_vl", model, inputs, num_image, image_token)
 
 
