@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
+import inspect
 import logging
 
 import torch
 import torch.fx as fx
 
+from mmkv_compile import ops
 from mmkv_compile.adopt import FIRST_CALL_REASON, RetraceWithMMKVCache, adopt_traced_call, hook_outer_model
 from mmkv_compile.config import CompressionConfig
+from mmkv_compile.passes.causal_attention import CausalPrefillAttention
 from mmkv_compile.passes.find_sites import (
     CacheKind,
     Decision,
@@ -38,7 +43,9 @@ log = logging.getLogger("mmkv_compile")
 
 def default_passes() -> PassManager:
     """The pass pipeline, in order."""
-    return PassManager([FindAttentionSites(), InsertScoreEvictMerge(), RewriteAttentionMasks()])
+    return PassManager(
+        [FindAttentionSites(), InsertScoreEvictMerge(), RewriteAttentionMasks(), CausalPrefillAttention()]
+    )
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -134,7 +141,7 @@ class MMKVBackend:
 
         patches = list_mode_options(mode) if mode and mode != "default" else {}
         try:
-            with _data_dependent_lengths(example_inputs, not self.config.policy.static_output_length):
+            with _data_dependent_lengths(example_inputs, not self.config.policy.static_output_length), _cache_tag():
                 return compile_fx(new_gm, example_inputs, config_patches=patches)
         except Exception as exc:  # noqa: BLE001 - see the module docstring: the rewritten graph runs as it is
             log.debug("Inductor failed on the rewritten graph", exc_info=True)
@@ -145,6 +152,19 @@ class MMKVBackend:
             report.warnings.append(message)
             self.warner.warn(message, stacklevel=4)
             return new_gm.forward
+
+
+@functools.cache
+def _operator_fingerprint() -> str:
+    """A hash of the operators' schemas and fake implementations (``ops.py``)."""
+    return hashlib.sha256(inspect.getsource(ops).encode()).hexdigest()[:16]
+
+
+def _cache_tag():
+    """Inductor's on-disk cache does not key on a custom op's fake implementation: compiled code from another
+    mmkv version would be reused with the wrong output layouts. The tag adds the operators' fingerprint."""
+    tag = torch.compiler.config.cache_key_tag
+    return torch.compiler.config.patch(cache_key_tag=f"{tag}mmkv-{_operator_fingerprint()}")
 
 
 @contextlib.contextmanager

@@ -4,6 +4,8 @@
 ``mmkv::score_evict_merge``   scores the cached slots, evicts the least useful and returns the kept state.
 ``mmkv::layer_signal`` / ``mmkv::allocate_layer_budgets``      MEDA's and VL-Cache's per-layer budgets.
 ``mmkv::head_demand`` / ``mmkv::compensate_layer_budgets``     MadaKV's per-layer budgets.
+``mmkv::is_causal_mask`` / ``mmkv::causal_or_masked_attention``  prefill attention on SDPA's fused causal path
+                                                                 when the traced mask is causal only.
 
 All are opaque custom ops: Dynamo and Inductor never trace into them. A layer's state travels as the fields of
 :class:`~mmkv_compile.state.SlotState`, so both state-carrying schemas are built from that one tuple. The CPU
@@ -39,6 +41,9 @@ SCHEMAS = {
     "allocate_layer_budgets": "(Tensor[] signals, float budget, float floor, str rule) -> Tensor",
     "head_demand": "(Tensor query, Tensor keys, Tensor labels, Tensor positions, float scaling, str policy) -> Tensor",
     "compensate_layer_budgets": "(Tensor[] demands, float budget, float cap) -> Tensor",
+    "is_causal_mask": "(Tensor mask) -> Tensor",
+    "causal_or_masked_attention": "(Tensor query, Tensor key, Tensor value, Tensor mask, Tensor mask_is_causal, "
+    "float? scale, bool enable_gqa) -> Tensor",
 }
 NUM_FIELDS = len(STATE_FIELDS)
 
@@ -157,6 +162,23 @@ def _compensate(demands, budget, cap):
     return compensation.compensate_layer_budgets(torch.stack(demands), budget, cap)
 
 
+def _is_causal_mask(mask):
+    from mmkv_compile.kernels import attention
+
+    return attention.is_causal_mask(mask)
+
+
+def _causal_or_masked_attention(query, key, value, mask, mask_is_causal, scale, enable_gqa):
+    from mmkv_compile.kernels import attention
+
+    return attention.causal_or_masked_attention(query, key, value, mask, mask_is_causal, scale, enable_gqa)
+
+
+def _attention_fake(query, key, value, *rest):
+    batch, heads, length = query.shape[:-1]  # laid out as [B, L, H, D], like SDPA's fused kernels' output
+    return query.new_empty((batch, length, heads, value.shape[-1])).transpose(1, 2)
+
+
 for _name, _kernel, _fake in (
     ("cache_append", _cache_append, _cache_append_fake),
     ("score_evict_merge", _score_evict_merge, _score_evict_merge_fake),
@@ -164,6 +186,8 @@ for _name, _kernel, _fake in (
     ("allocate_layer_budgets", _allocate, lambda s, *rest: s[0].new_empty((len(s), s[0].shape[0]), dtype=torch.int64)),
     ("head_demand", _head_demand, lambda q, k, *rest: k.new_empty((*k.shape[:2], 3), dtype=torch.int64)),
     ("compensate_layer_budgets", _compensate, lambda d, *rest: d[0].new_empty((len(d), d[0].shape[0]))),
+    ("is_causal_mask", _is_causal_mask, lambda mask: mask.new_empty((), dtype=torch.bool)),
+    ("causal_or_masked_attention", _causal_or_masked_attention, _attention_fake),
 ):
     torch.library.custom_op(f"mmkv::{_name}", _kernel, mutates_args=(), schema=SCHEMAS[_name]).register_fake(_fake)
 
@@ -173,6 +197,8 @@ LAYER_SIGNAL = torch.ops.mmkv.layer_signal.default
 ALLOCATE_LAYER_BUDGETS = torch.ops.mmkv.allocate_layer_budgets.default
 HEAD_DEMAND = torch.ops.mmkv.head_demand.default
 COMPENSATE_LAYER_BUDGETS = torch.ops.mmkv.compensate_layer_budgets.default
+IS_CAUSAL_MASK = torch.ops.mmkv.is_causal_mask.default
+CAUSAL_OR_MASKED_ATTENTION = torch.ops.mmkv.causal_or_masked_attention.default
 
 
 def cache_append(state: SlotState, new: tuple, placement: str) -> SlotState:

@@ -81,6 +81,23 @@ def test_a_users_own_dynamic_cache_compiles_unchanged_with_one_warning():
     assert cache.get_seq_length() == tiny.inputs["input_ids"].shape[1]  # nothing evicted: the user's cache
 
 
+def test_inductor_caches_compiled_graphs_under_the_operators_fingerprint(monkeypatch):
+    """Inductor's on-disk cache does not see a custom op's fake implementation: the backend tags the key with a
+    hash of the operators' definitions while it compiles, and leaves the user's tag as it was."""
+    import torch._inductor.compile_fx as inductor
+
+    from mmkv_compile.backend import _operator_fingerprint
+
+    seen, real = [], inductor.compile_fx
+    monkeypatch.setattr(
+        inductor, "compile_fx", lambda *a, **k: seen.append(torch.compiler.config.cache_key_tag) or real(*a, **k)
+    )
+    with torch.compiler.config.patch(cache_key_tag="user-"):
+        torch.compile(lambda x: x * 2, backend="mmkv")(torch.ones(3))
+        assert torch.compiler.config.cache_key_tag == "user-"
+    assert seen == [f"user-mmkv-{_operator_fingerprint()}"]
+
+
 def test_a_failing_pass_falls_back_to_the_unchanged_graph(monkeypatch):
     def broken(self, gm, ctx):
         raise RuntimeError("pattern not understood")

@@ -162,3 +162,72 @@ def test_a_method_that_keeps_everything_inserts_nothing():
     _compiled(sdpa_enable_gqa, backend)(q, k, v, layer)
     assert backend.op_counts(SCORE_EVICT_MERGE) == (0, 0)
     assert backend.report.sites[0].decision == "keep" and layer.keys.shape[2] == S
+
+
+# -- causal prefill attention ------------------------------------------------------------------------------
+
+
+def masked_prefill(q, k, v, mask):  # what transformers traces: an explicit mask, is_causal=False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def _causal(length: int, batch: int = 2) -> torch.Tensor:
+    return torch.ones(length, length, dtype=torch.bool).tril().expand(batch, 1, length, length)
+
+
+CAUSAL_CASES = {
+    "causal": lambda n: _causal(n),
+    "left_padding": lambda n: _causal(n) & (torch.arange(n) >= torch.tensor([[0], [3]])).view(2, 1, 1, n),
+    "sliding_window": lambda n: _causal(n) & (torch.arange(n)[:, None] - torch.arange(n)[None] < 4),
+    "bidirectional": lambda n: torch.ones(2, 1, n, n, dtype=torch.bool),
+    "additive_causal": lambda n: torch.zeros(n, n).masked_fill(~_causal(n, 1)[0, 0], torch.finfo(torch.float32).min),
+}
+
+
+@pytest.mark.parametrize("case", CAUSAL_CASES, ids=str)
+def test_is_causal_mask_holds_for_the_causal_mask_only(case):
+    from mmkv_compile.kernels.attention import is_causal_mask
+
+    assert bool(is_causal_mask(CAUSAL_CASES[case](9))) == case.endswith("causal")
+
+
+@pytest.mark.parametrize("case", CAUSAL_CASES, ids=str)
+def test_square_prefill_attention_takes_the_causal_path_and_stays_exact(case):
+    """One check per mask, every SDPA call replaced; the output equals plain masked SDPA for any mask."""
+    from mmkv_compile import ops
+
+    def two_layers(q, k, v, mask):
+        return masked_prefill(masked_prefill(q, k, v, mask), k, v, mask)
+
+    backend = CaptureBackend(method="full")
+    q, k, v = torch.randn(2, HQ, S, D), torch.randn(2, HKV, S, D), torch.randn(2, HKV, S, D)
+    mask = CAUSAL_CASES[case](S)
+    out = torch.compile(two_layers, backend=backend, fullgraph=True, dynamic=True)(q, k, v, mask)
+    assert backend.op_counts(ops.CAUSAL_OR_MASKED_ATTENTION) == (0, 2)
+    assert backend.op_counts(ops.IS_CAUSAL_MASK) == (0, 1)
+    torch.testing.assert_close(out, two_layers(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_over_a_longer_cache_keeps_its_mask():
+    """A query shorter than the keys (decode, a chunk after cached tokens) is not the square causal case."""
+    from mmkv_compile import ops
+
+    backend = CaptureBackend(method="full")
+    q, k, v = torch.randn(1, HQ, 3, D), torch.randn(1, HKV, S, D), torch.randn(1, HKV, S, D)
+    mask = torch.ones(1, 1, 3, S, dtype=torch.bool).tril(S - 3)
+    out = torch.compile(masked_prefill, backend=backend, fullgraph=True)(q, k, v, mask)
+    assert backend.op_counts(ops.CAUSAL_OR_MASKED_ATTENTION) == (0, 0)
+    torch.testing.assert_close(out, masked_prefill(q, k, v, mask))
+
+
+def test_causal_prefill_attention_under_inductor_matches_plain_sdpa():
+    """Inductor checks the op's output layout against its fake: both paths must return the one it declares."""
+
+    def attention_then_transpose(q, k, v, mask):  # what the model does with the output
+        return masked_prefill(q, k, v, mask).transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+    compiled = torch.compile(attention_then_transpose, backend="mmkv", options={"method": "full"}, fullgraph=True)
+    q, k, v = torch.randn(2, HQ, S, D), torch.randn(2, HKV, S, D), torch.randn(2, HKV, S, D)
+    for case in ("causal", "left_padding"):
+        mask = CAUSAL_CASES[case](S)
+        torch.testing.assert_close(compiled(q, k, v, mask), attention_then_transpose(q, k, v, mask))

@@ -140,9 +140,10 @@ def _order(backend, *targets) -> list:
 
 
 def _anchors(backend) -> list[int]:
-    sdpa = torch._C._nn.scaled_dot_product_attention
+    """The decoder's attention calls (SDPA, or the causal prefill pass's replacement of it)."""
     positions = {node: i for i, node in enumerate(backend.graph.nodes)}
-    return [positions[n] for n in backend.nodes(sdpa)]
+    calls = backend.nodes(torch._C._nn.scaled_dot_product_attention) + backend.nodes(ops.CAUSAL_OR_MASKED_ATTENTION)
+    return sorted(positions[n] for n in calls)
 
 
 def test_uniform_schedule_puts_one_operator_before_each_layers_attention():
