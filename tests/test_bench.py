@@ -47,7 +47,11 @@ def test_speed_reports_every_variant_with_ratios(tmp_path):
     rows = results["rows"]
     assert [row["variant"] for row in rows] == ["(a) uncompiled", "(c) inductor", "(b) eager", "(d) mmkv"] + (
         ["(e) kvpress"] if results["kvpress"] == "installed" else []
-    )
+    ) + ["(a) uncompiled, kept length", "(a) uncompiled, weights bound"]
+    kept_length, bound = rows[-2], rows[-1]
+    assert (kept_length["context"], kept_length["prompt"]) == (128, 64)  # budget 0.5 of 128 tokens
+    assert (bound["context"], bound["prompt"]) == (1, 1) and bound["of_bound"] == 1.0
+    rows = rows[:-1]
     if results["kvpress"] != "installed":
         assert "kvpress not installed" in result.stdout
     for row in rows:
@@ -56,7 +60,7 @@ def test_speed_reports_every_variant_with_ratios(tmp_path):
             assert key in row
         assert row["context"] == 128 and len(row["runs"]) == 1
     assert rows[0]["x_decode"] == 1.0 and rows[0]["x_kv"] == 1.0
-    by_kind = {row["kind"]: row for row in rows}
+    by_kind = {row["kind"]: row for row in rows if not row["reference"]}
     assert by_kind["mmkv"]["kv_bytes"] < by_kind["uncompiled"]["kv_bytes"]  # bytes, not a timing
     assert by_kind["mmkv"]["metadata_bytes"] > 0 and by_kind["uncompiled"]["metadata_bytes"] == 0
     assert by_kind["inductor"]["compile_s"] is not None and by_kind["uncompiled"]["compile_s"] is None

@@ -108,6 +108,10 @@ class BenchModel:
         inputs["pixel_values"] = pixels.to(device=self.device, dtype=self.dtype)
         return inputs
 
+    def text_prompt(self, length: int) -> dict[str, torch.Tensor]:
+        """Inputs of exactly ``length`` text tokens (no images, for any model)."""
+        return self._tensors(corpus.token_ids(self.codec, length))
+
     def _tensors(self, ids: list[int]) -> dict[str, torch.Tensor]:
         input_ids = torch.tensor([ids], device=self.device)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}

@@ -30,6 +30,7 @@ def plot_speed(rows: list[dict], out_dir: str | Path) -> list[Path]:
     plt = _pyplot()
     if plt is None:
         return []
+    rows = [row for row in rows if not row.get("reference")]  # the reference rows are other prompts
     out = Path(out_dir)
     written = []
     measures = (("decode_tok_s", "decode tokens/s"), ("kv_mib", "KV cache MiB"))

@@ -111,27 +111,33 @@ def _since(before: dict, after: dict) -> dict:
     return {key: after[key] - before[key] for key in after}
 
 
-def measure(bench: BenchModel, variant: variants.Variant, inputs: dict, settings: SpeedSettings, bar) -> dict:
-    """One cell: warm up (compiling), then ``repeats`` timed runs; medians of each measure."""
+def measure(
+    bench: BenchModel, variant: variants.Variant, inputs: dict, settings: SpeedSettings, bar, context: int | None = None
+) -> dict:
+    """One cell: warm up (compiling), then ``repeats`` timed runs; medians of each measure. ``context``: the
+    row's context when the prompt is a reference row's other length."""
     before = _compile_stats()
     model = bench.fresh()
-    context = variants.setup(variant, model, inputs["input_ids"].shape[-1])
-    warmup = timed_generate(model, inputs, settings.new_tokens, context)
+    prompt = inputs["input_ids"].shape[-1]
+    run_inside = variants.setup(variant, model, prompt)
+    warmup = timed_generate(model, inputs, settings.new_tokens, run_inside)
     bar.update(1)
     after_warmup = _since(before, _compile_stats())
     memory = PeakMemory(settings.device)
     memory.start()
     runs = []
     for _ in range(settings.repeats):
-        runs.append(timed_generate(model, inputs, settings.new_tokens, context))
+        runs.append(timed_generate(model, inputs, settings.new_tokens, run_inside))
         bar.update(1)
     memory.stop()
     stats = _since(before, _compile_stats())
     del model
     row = {
-        "context": inputs["input_ids"].shape[-1],
+        "context": context or prompt,
+        "prompt": prompt,
         "variant": variant.label,
         "kind": variant.kind,
+        "reference": variant.reference,
         "method": variant.method,
         "budget": variant.budget,
         **{key: report.median([run[key] for run in runs]) for key in ("prefill_s", "decode_tok_s", "total_s")},
@@ -155,16 +161,20 @@ def measure(bench: BenchModel, variant: variants.Variant, inputs: dict, settings
 
 def add_ratios(rows: list[dict]) -> None:
     """Ratios to (a) uncompiled at the same context: x prefill (time), x decode (tokens/s), x KV, x peak."""
-    baselines = {row["context"]: row for row in rows if row["kind"] == "uncompiled"}
+    baselines = {row["context"]: row for row in rows if row["kind"] == "uncompiled" and not row["reference"]}
     for row in rows:
         base = baselines.get(row["context"])
         for key, ratio in (("prefill_s", "x_prefill"), ("decode_tok_s", "x_decode"),
                            ("kv_bytes", "x_kv"), ("peak_added_bytes", "x_peak")):  # fmt: skip
             row[ratio] = row[key] / base[key] if base and base[key] else None
+    bound = next((row for row in rows if row["reference"] == "weights bound"), None)
+    for row in rows:
+        row["of_bound"] = row["decode_tok_s"] / bound["decode_tok_s"] if bound and bound["decode_tok_s"] else None
 
 
 COLUMNS: list[report.Column] = [
     ("context", "context", report.text),
+    ("prompt", "prompt", report.text),
     ("variant", "variant", report.text),
     ("method", "method", report.text),
     ("budget", "budget", report.text),
@@ -172,6 +182,7 @@ COLUMNS: list[report.Column] = [
     ("x prefill", "x_prefill", report.fmt(2, "x")),
     ("decode tok/s", "decode_tok_s", report.fmt(1)),
     ("x decode", "x_decode", report.fmt(2, "x")),
+    ("of bound", "of_bound", report.fmt(2)),
     ("KV MiB", "kv_mib", report.fmt(2)),
     ("x KV", "x_kv", report.fmt(2, "x")),
     ("peak +MiB", "peak_added_mib", report.fmt(0)),
@@ -185,8 +196,21 @@ LEGEND = (
     "x = ratio to (a) uncompiled at the same context (x prefill: time ratio; x decode: tokens/s ratio, above 1 is faster). "
     "KV MiB: keys+values in the cache after generate (mmkv's per-slot labels/positions/scores are in results.json). "
     "peak +MiB: highest {memory} during the timed runs above its level before them. "
-    "compile s: Dynamo frame compile time (Inductor included); recompiles: compiles caused by failed guards."
+    "compile s: Dynamo frame compile time (Inductor included); recompiles: compiles caused by failed guards. "
+    "Reference rows (uncompiled, other prompts): kept length = a prompt as long as the compressed cache at that "
+    "budget; weights bound = a one-token prompt, a decode step that costs about its weights' traffic alone; "
+    "of bound: decode tokens/s as a share of the weights bound's."
 )
+
+
+def reference_rows(bench: BenchModel, length: int, settings: SpeedSettings, bar) -> list[dict]:
+    """The uncompiled model on a prompt of each budget's kept length (text only, so any model takes it)."""
+    rows = []
+    for budget in settings.budgets:
+        kept = min(length, int(budget * length) if isinstance(budget, float) else budget)
+        variant = variants.Variant("uncompiled", budget=budget, reference="kept length")
+        rows.append(measure(bench, variant, bench.text_prompt(max(kept, 1)), settings, bar, context=length))
+    return rows
 
 
 def run_speed(settings: SpeedSettings, out=print) -> dict:
@@ -202,12 +226,20 @@ def run_speed(settings: SpeedSettings, out=print) -> dict:
     plan = variants.plan(settings.methods, settings.budgets, kinds, has_press)
     facts = report.machine()
     rows = []
-    bar = tqdm(total=len(settings.contexts) * len(plan) * (settings.repeats + 1), desc="mmkv bench speed", unit="run")
+    references = "uncompiled" in kinds
+    cells = len(settings.contexts) * (len(plan) + (len(settings.budgets) if references else 0)) + references
+    bar = tqdm(total=cells * (settings.repeats + 1), desc="mmkv bench speed", unit="run")
     for length in settings.contexts:
         inputs = bench.prompt(length)
         for variant in plan:
             bar.set_postfix_str(f"context {length}: {variant.label} {variant.method or ''} {variant.budget or ''}")
             rows.append(measure(bench, variant, inputs, settings, bar))
+        if references:
+            bar.set_postfix_str(f"context {length}: reference rows")
+            rows += reference_rows(bench, length, settings, bar)
+    if references:
+        bound = variants.Variant("uncompiled", reference="weights bound")
+        rows.append(measure(bench, bound, bench.text_prompt(1), settings, bar, context=1))
     bar.close()
     report.finish(facts)
     add_ratios(rows)

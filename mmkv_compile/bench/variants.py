@@ -6,6 +6,10 @@
     nothing (generate calls the uncompiled module), so the bound forward is compiled and swapped in.
 (d) ``mmkv``: ``mmkv_compile.compile(model, method, budget)``, the product
 (e) ``kvpress``: the matching kvpress press, when kvpress is installed
+
+With (a), two reference rows of the uncompiled model on other prompts (``REFERENCES``): ``kept length``, a prompt
+as long as a compressed cache holds at each budget (a compressed cache should decode as fast as a short one),
+and ``weights bound``, a one-token prompt (a decode step with an empty cache costs its weights' traffic).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import mmkv_compile
 KINDS = ("uncompiled", "eager", "inductor", "mmkv", "kvpress")
 LETTERS = dict(zip(KINDS, "abcde"))
 COMPRESSING = ("eager", "mmkv", "kvpress")
+REFERENCES = ("kept length", "weights bound")
 
 
 @dataclass(frozen=True)
@@ -31,11 +36,13 @@ class Variant:
     kind: str
     method: str | None = None
     budget: float | int | None = None
+    reference: str | None = None  # one of REFERENCES: the uncompiled model on another prompt
 
     @property
     def label(self) -> str:
-        """``(d) mmkv`` etc."""
-        return f"({LETTERS[self.kind]}) {self.kind}"
+        """``(d) mmkv``, ``(a) uncompiled, kept length`` etc."""
+        label = f"({LETTERS[self.kind]}) {self.kind}"
+        return f"{label}, {self.reference}" if self.reference else label
 
     @property
     def compiled(self) -> bool:
