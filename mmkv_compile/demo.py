@@ -20,6 +20,7 @@ from tqdm import tqdm
 import mmkv_compile
 from mmkv_compile.cache import MMKVCache
 from mmkv_compile.compat import output_cache
+from mmkv_compile.methods import compresses
 
 
 @dataclass
@@ -100,7 +101,7 @@ def run_demo(settings: DemoSettings, out=print) -> dict:
         compressed_run = _generate(compressed_model, inputs, settings.new_tokens)
     bar.update(1)
     cache = output_cache(compressed_run)
-    if settings.method != "full" and not (isinstance(cache, MMKVCache) and cache.is_compressed()):
+    if compresses(settings.method) and not (isinstance(cache, MMKVCache) and cache.is_compressed()):
         bar.close()
         reasons = [str(w.message) for w in caught if issubclass(w.category, mmkv_compile.MMKVWarning)]
         out(f"mmkv demo: {settings.method} at budget {settings.budget} compressed nothing on this prompt "
@@ -121,7 +122,7 @@ def run_demo(settings: DemoSettings, out=print) -> dict:
     lm_sites = [s for phase, s in report.sites() if phase == "prefill" and s.cache == "mmkv"]
     other_sites = [s for phase, s in report.sites() if phase in ("prefill", "no mmkv cache") and s.cache != "mmkv"]
     result = {
-        "compressed": settings.method != "full",
+        "compressed": compresses(settings.method),
         "prompt_tokens": prompt_len,
         "image_tokens": int((inputs["input_ids"] == model.config.image_token_index).sum()),
         "sites_rewritten": sum(s.evicts for s in lm_sites),

@@ -5,6 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from mmkv_compile.methods import METHODS, compresses
+
+
+def _varies_with_budget(row: dict) -> bool:
+    """A row of a method whose budget means something (not ``full``; other kinds of row, such as random
+    eviction, do)."""
+    return row["method"] not in METHODS or compresses(row["method"])
+
 
 def _pyplot():
     try:
@@ -53,7 +61,7 @@ def plot_speed(rows: list[dict], out_dir: str | Path) -> list[Path]:
 
     longest = max(row["context"] for row in rows)
     at_longest = [row for row in rows if row["context"] == longest]
-    budgets = sorted({row["budget"] for row in at_longest if row["method"] is not None and row["method"] != "full"})
+    budgets = sorted({row["budget"] for row in at_longest if row["method"] is not None and _varies_with_budget(row)})
     if budgets:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for ax, (key, title) in zip(axes, measures):
@@ -62,7 +70,7 @@ def plot_speed(rows: list[dict], out_dir: str | Path) -> list[Path]:
                 if row["method"] is None:
                     ax.axhline(row[key], linestyle="--", color="gray" if row["kind"] == "uncompiled" else "black",
                                linewidth=1, label=row["variant"])  # fmt: skip
-                elif row["method"] != "full":
+                elif _varies_with_budget(row):
                     lines.setdefault(f"{row['variant']} {row['method']}", []).append(row)
             for name, points in lines.items():
                 points = sorted(points, key=lambda r: r["budget"])
@@ -85,7 +93,7 @@ def plot_quality(rows: list[dict], passkey: list[dict], out_dir: str | Path) -> 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), gridspec_kw={"width_ratios": [1, 1, 1.1]})
     lines: dict[str, list[dict]] = {}
     for row in rows:
-        if row.get("budget") is not None and row["method"] != "full":
+        if row.get("budget") is not None and _varies_with_budget(row):
             name = row["source"] if row["method"] == row["source"] else f"{row['source']} {row['method']}"
             lines.setdefault(name, []).append(row)
     for ax, (key, title) in zip(axes[:2], (("kl", "KL(full || compressed), nats/token"), ("top1", "top-1 agreement"))):

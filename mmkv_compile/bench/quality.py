@@ -29,6 +29,7 @@ from mmkv_compile.bench import corpus, report
 from mmkv_compile.bench.kvpress_adapter import KVPress, has_press, kvpress_missing
 from mmkv_compile.bench.models import BenchModel, TinyScale, load_bench_model
 from mmkv_compile.cache import MMKVCache
+from mmkv_compile.methods import compresses
 from mmkv_compile.policy import BudgetStage
 
 ANSWER_TOKENS = 8
@@ -267,7 +268,7 @@ def run_quality(settings: QualitySettings, out=print) -> dict:
     missing = kvpress_missing() if "kvpress" in settings.caches else None
     runs = [Run("full cache", "full", None)] if "full" in settings.caches else []
     for method in settings.methods:
-        for budget in [1.0] if method == "full" else settings.budgets:
+        for budget in settings.budgets if compresses(method) else [1.0]:
             if "mmkv" in settings.caches:
                 runs.append(Run("mmkv", method, budget))
             if "kvpress" in settings.caches and not missing and has_press(method):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 import mmkv_compile
+from mmkv_compile.methods import compresses
 
 KINDS = ("uncompiled", "eager", "inductor", "mmkv", "kvpress")
 LETTERS = dict(zip(KINDS, "abcde"))
@@ -59,7 +60,7 @@ def plan(
     """
     variants = [Variant(kind) for kind in ("uncompiled", "inductor") if kind in kinds]
     for method in methods:
-        for budget in [1.0] if method == "full" else budgets:
+        for budget in budgets if compresses(method) else [1.0]:
             for kind in COMPRESSING:
                 if kind in kinds and (kind != "kvpress" or has_press(method)):
                     variants.append(Variant(kind, method, budget))

@@ -52,4 +52,9 @@ def build_method(name: str, **params) -> Method:
     return cls(**params, explicit=frozenset(params))
 
 
-__all__ = ["METHODS", "Method", "build_method"]
+def compresses(name: str) -> bool:
+    """Whether method ``name`` can evict anything at all (``full`` cannot: it has no budget to vary)."""
+    return build_method(name).policy(0.5).compress
+
+
+__all__ = ["METHODS", "Method", "build_method", "compresses"]
