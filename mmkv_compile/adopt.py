@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mmkv_compile.compat import _forward_takes, call_cache
+from mmkv_compile.compat import call_cache, takes_a_cache
 
 
 class RetraceWithMMKVCache(torch._dynamo.exc.TensorifyScalarRestartAnalysis):
@@ -46,10 +46,14 @@ def give_mmkv_cache(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
     return args, prepare_call(module, args, kwargs)
 
 
+def _is_hooked(model) -> bool:
+    return any(hook is give_mmkv_cache for hook in model._forward_pre_hooks.values())
+
+
 def _hook(model) -> None:
     from mmkv_compile.api import install_output_hooks
 
-    if not any(hook is give_mmkv_cache for hook in model._forward_pre_hooks.values()):
+    if not _is_hooked(model):
         install_output_hooks(model)
         model.register_forward_pre_hook(give_mmkv_cache, with_kwargs=True)
 
@@ -71,9 +75,8 @@ def _takes_tokens_without_cache(model, args, kwargs) -> bool:
 
     if not isinstance(model, PreTrainedModel) or not isinstance(kwargs, dict) or not isinstance(args, tuple):
         return False
-    takes_cache = any(_forward_takes(model, name) for name in ("cache", "past_key_values"))
     has_tokens = kwargs.get("input_ids") is not None or kwargs.get("inputs_embeds") is not None or bool(args)
-    return takes_cache and has_tokens and call_cache(kwargs) is None and kwargs.get("use_cache") is not False
+    return takes_a_cache(model) and has_tokens and call_cache(kwargs) is None and kwargs.get("use_cache") is not False
 
 
 def adopt_traced_call() -> bool:
@@ -109,7 +112,7 @@ def hook_outer_model() -> bool:
         if _takes_tokens_without_cache(model, args, kwargs):
             outer = model
         frame = frame.f_back
-    if outer is None or any(hook is give_mmkv_cache for hook in outer._forward_pre_hooks.values()):
+    if outer is None or _is_hooked(outer):
         return False
     _hook(outer)
     return True

@@ -14,17 +14,27 @@ CACHE_ARGUMENTS = ("cache", "past_key_values")
 
 
 @functools.cache
-def _forward_takes(forward_type: type, name: str) -> bool:
+def _forward_takes(model_type: type, name: str) -> bool:
     try:
-        return name in inspect.signature(forward_type.forward).parameters
+        return name in inspect.signature(model_type.forward).parameters
     except (TypeError, ValueError):  # a forward without a readable signature
         return False
+
+
+def forward_takes(model: Any, name: str) -> bool:
+    """Whether ``model``'s forward has a parameter ``name`` (read once per model class, never per instance)."""
+    return _forward_takes(type(model), name)
+
+
+def takes_a_cache(model: Any) -> bool:
+    """Whether ``model``'s forward takes a KV cache, under either name."""
+    return any(forward_takes(model, name) for name in CACHE_ARGUMENTS)
 
 
 def cache_argument(model: Any) -> str:
     """The name under which ``model``'s forward takes its KV cache: ``cache`` (transformers >= 5.24) or
     ``past_key_values`` (earlier releases)."""
-    return "cache" if _forward_takes(type(model), "cache") else "past_key_values"
+    return "cache" if forward_takes(model, "cache") else "past_key_values"
 
 
 def pop_cache(kwargs: dict[str, Any]) -> Any:
@@ -51,4 +61,12 @@ def output_cache(output: Any) -> Any:
     return None
 
 
-__all__ = ["CACHE_ARGUMENTS", "cache_argument", "call_cache", "output_cache", "pop_cache"]
+__all__ = [
+    "CACHE_ARGUMENTS",
+    "cache_argument",
+    "call_cache",
+    "forward_takes",
+    "output_cache",
+    "pop_cache",
+    "takes_a_cache",
+]

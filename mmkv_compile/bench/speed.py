@@ -23,6 +23,7 @@ from mmkv_compile.bench.memory import PeakMemory
 from mmkv_compile.bench.models import BenchModel, TinyScale, load_bench_model
 from mmkv_compile.cache import MMKVCache
 from mmkv_compile.compat import output_cache
+from mmkv_compile.policy import BudgetStage
 
 MIB = 1 << 20
 
@@ -207,9 +208,9 @@ def reference_rows(bench: BenchModel, length: int, settings: SpeedSettings, bar)
     """The uncompiled model on a prompt of each budget's kept length (text only, so any model takes it)."""
     rows = []
     for budget in settings.budgets:
-        kept = min(length, int(budget * length) if isinstance(budget, float) else budget)
+        kept = max(int(BudgetStage(amount=budget).uniform_count(length)), 1)  # as the operator counts it
         variant = variants.Variant("uncompiled", budget=budget, reference="kept length")
-        rows.append(measure(bench, variant, bench.text_prompt(max(kept, 1)), settings, bar, context=length))
+        rows.append(measure(bench, variant, bench.text_prompt(kept), settings, bar, context=length))
     return rows
 
 

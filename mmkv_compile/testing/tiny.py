@@ -6,10 +6,11 @@ model-specific constant: the number of image tokens follows from the vision conf
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
+
+from mmkv_compile.compat import forward_takes
 
 
 @dataclass
@@ -169,7 +170,7 @@ def tiny_qwen2_vl(
         "pixel_values": torch.randn(grid_h * grid_w, patch_dim),
         "image_grid_thw": torch.tensor([[1, grid_h, grid_w]]),
     }
-    if "mm_token_type_ids" in inspect.signature(type(model).forward).parameters:  # (transformers before 5.3: no)
+    if forward_takes(model, "mm_token_type_ids"):  # (transformers 5.2: no)
         inputs["mm_token_type_ids"] = (ids == image_token).long()
     return TinyModel("qwen2_vl", model, inputs, num_image, image_token)
 
