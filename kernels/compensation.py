@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import torch
 
+from mmkv_compile.kernels import heads
 from mmkv_compile.kernels.reference import budget_stage, coverage_demand, forced_stage, live_slots, score_stage
 from mmkv_compile.policy import Policy, exact_fraction
 from mmkv_compile.state import SlotState
 
 
 def head_demand(query, keys, labels, positions, scaling: float, policy: Policy) -> torch.Tensor:
-    """int64 ``[B, Hkv, 3]``: each head's coverage demand (free slots), its live slots and its forced ones."""
+    """int64 ``[B, Hkv, 3]``: each head's coverage demand (free slots), its live slots and its forced ones, for
+    every KV head of the layer (under tensor parallelism, every rank's heads in head order)."""
     empty = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
     state = SlotState(keys, keys, labels, positions, empty, empty, empty.bool())
     selection = score_stage(policy, query, state, scaling, True).selection
@@ -20,7 +22,7 @@ def head_demand(query, keys, labels, positions, scaling: float, policy: Policy) 
     counts = budget_stage(policy, live, query.shape[2], True)
     forced = forced_stage(policy, live, counts)
     demand = coverage_demand(policy, selection, torch.where(live, labels, -1).to(labels.dtype), forced)
-    return torch.stack([demand, live.sum(-1), forced.sum(-1)], dim=-1)
+    return heads.gather_heads(torch.stack([demand, live.sum(-1), forced.sum(-1)], dim=-1), policy.placement.heads)
 
 
 def compensate_layer_budgets(demands: torch.Tensor, budget: float, cap: float) -> torch.Tensor:

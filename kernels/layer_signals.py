@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import torch
 
+from mmkv_compile.kernels import heads
 from mmkv_compile.kernels.reference import INVALID, QUERY_CHUNK, TEXT, live_slots, post_vision_queries, visible_keys
 from mmkv_compile.policy import exact_fraction
 
 DENSITY_THRESHOLD = 0.01  # VL-Cache's ThresholdFilter: entries below 1% of their row's maximum are sparse
 
 
-def _mean_row_statistic(
+def _row_statistic_sums(
     query, keys, labels, positions, scaling: float, query_ok, key_ok, statistic, window: int = 0
 ) -> torch.Tensor:
-    """Mean over heads and over query rows where ``query_ok`` (that see at least one key where ``key_ok``)
-    of ``statistic(log_probs, visible)`` per row, the softmax restricted to those keys and causal: ``[B]``."""
+    """``statistic(log_probs, visible)`` summed over heads and over query rows where ``query_ok`` (that see at
+    least one key where ``key_ok``), the softmax restricted to those keys and causal, and the number of such
+    rows: float64 ``[B, 2]`` (a sum, so a layer split over ranks adds its parts before the mean)."""
     batch, num_kv, seq, dim = keys.shape
     group = query.shape[1] // num_kv
     num_new = query.shape[2]
@@ -35,6 +37,12 @@ def _mean_row_statistic(
         seen = visible.any(-1).expand_as(per_row)
         total += torch.where(seen, per_row, 0.0).sum(dim=(1, 2, 3)).double()
         rows += seen.sum(dim=(1, 2, 3)).double()
+    return torch.stack([total, rows], dim=-1)
+
+
+def row_means(sums: torch.Tensor) -> torch.Tensor:
+    """Means from ``[..., 2]`` (sum, rows) pairs; 0 where no row counted."""
+    total, rows = sums.unbind(-1)
     return torch.where(rows > 0, total / rows.clamp(min=1), 0.0)
 
 
@@ -48,14 +56,17 @@ def _density(log_p: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     return (dense & visible).sum(-1) / visible.sum(-1).clamp(min=1)
 
 
-def layer_signal(query, keys, labels, positions, scaling: float, signal: str, window: int = 0) -> torch.Tensor:
+def layer_signal(
+    query, keys, labels, positions, scaling: float, signal: str, window: int = 0, group: str = ""
+) -> torch.Tensor:
     """What a layer's attention measures, per row: float64 ``[B, 2]``, the signal and the layer's live slots
-    (the count its budget is a share of).
+    (the count its budget is a share of). ``window``: the layer's sliding window (0 for none); ``group``: under
+    tensor parallelism, the process group whose ranks hold the layer's other heads (``kernels/heads.py``).
 
     ``cross_modal`` (MEDA's paper, Eq. 4-6): entropy of text queries over visual keys plus that of visual
     queries over text keys, each softmax restricted to its block and causal. ``attention`` (MEDA's code):
     mean row entropy of the full causal attention. ``density`` (VL-Cache): the share of entries of the
-    post-vision queries' attention at least 1% of their row's maximum.
+    post-vision queries' attention at least 1% of their row's maximum. Each is a mean over every head.
     """
     from mmkv_compile.ops import kernel_choice  # lazily: ops imports the kernels
 
@@ -63,27 +74,31 @@ def layer_signal(query, keys, labels, positions, scaling: float, signal: str, wi
     if kernel_choice(keys.device) == "triton":
         from mmkv_compile.kernels import triton_signals
 
-        value = triton_signals.layer_signal(query, keys, labels, positions, scaling, signal, window)
+        sums = triton_signals.layer_signal_sums(query, keys, labels, positions, scaling, signal, window)
     else:
-        value = _layer_signal(query, keys, labels, positions, scaling, signal, window)
-    return torch.stack([value.double(), live], dim=-1)
+        sums = _layer_signal_sums(query, keys, labels, positions, scaling, signal, window)
+    value = row_means(heads.sum_over_ranks(sums, group)).sum(-1)
+    return torch.stack([value.float().double(), live], dim=-1)
 
 
-def _layer_signal(query, keys, labels, positions, scaling: float, signal: str, window: int) -> torch.Tensor:
+def _layer_signal_sums(query, keys, labels, positions, scaling: float, signal: str, window: int) -> torch.Tensor:
+    """float64 ``[B, parts, 2]``: each part's (sum, rows); the signal is the sum of the parts' means."""
     valid = labels != INVALID
-    statistic = {"attention": _entropy, "density": _density, "cross_modal": _entropy}[signal]
     if signal == "attention":
-        return _mean_row_statistic(query, keys, labels, positions, scaling, valid, valid, statistic, window).float()
-    if signal == "density":
-        post_vision = post_vision_queries(labels, positions)
-        return _mean_row_statistic(
-            query, keys, labels, positions, scaling, post_vision, valid, statistic, window
-        ).float()
-    text = valid & (labels == TEXT)
-    visual = valid & (labels != TEXT)
-    text_to_visual = _mean_row_statistic(query, keys, labels, positions, scaling, text, visual, _entropy, window)
-    visual_to_text = _mean_row_statistic(query, keys, labels, positions, scaling, visual, text, _entropy, window)
-    return (text_to_visual + visual_to_text).float()
+        parts = [(valid, valid, _entropy)]
+    elif signal == "density":
+        parts = [(post_vision_queries(labels, positions), valid, _density)]
+    else:
+        text = valid & (labels == TEXT)
+        visual = valid & (labels != TEXT)
+        parts = [(text, visual, _entropy), (visual, text, _entropy)]
+    return torch.stack(
+        [
+            _row_statistic_sums(query, keys, labels, positions, scaling, rows, columns, statistic, window)
+            for rows, columns, statistic in parts
+        ],
+        dim=1,
+    )
 
 
 def allocate_layer_budgets(signals: torch.Tensor, budget: float, floor: float, rule: str = "softmax") -> torch.Tensor:

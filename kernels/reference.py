@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mmkv_compile.kernels import heads
 from mmkv_compile.labels import Modality
 from mmkv_compile.policy import Policy, layer_count, output_length
 from mmkv_compile.state import SlotState
@@ -135,7 +136,7 @@ class Scores(NamedTuple):
 def score_stage(policy: Policy, query, state: SlotState, scaling: float, prefill: bool, column_sums=None) -> Scores:
     """Score every slot. ``column_sums`` computes attention column sums (the Triton kernel passes its own)."""
     column_sums = column_sums or attention_column_sums
-    stage, window = policy.score, policy.placement.window
+    stage, window, group = policy.score, policy.placement.window, policy.placement.heads
     keys, labels, positions = state.keys, state.labels, state.positions
     num_new = query.shape[2]
     if stage.kind == "none":
@@ -151,7 +152,7 @@ def score_stage(policy: Policy, query, state: SlotState, scaling: float, prefill
             query, keys, labels, positions, num_new, scaling, stage.group_reduce, post_vision, window
         )
     elif prefill:  # dual_attention: HAE's dual-attention pruning at the prompt
-        global_attention, individual = dual_attention(query, keys, labels, positions, scaling, window)
+        global_attention, individual = dual_attention(query, keys, labels, positions, scaling, window, group)
         return Scores(global_attention, global_attention, individual)
     else:  # dual_attention while decoding: accumulated attention of the new queries
         fresh = column_sums(query, keys, labels, positions, num_new, scaling, stage.group_reduce, window=window)
@@ -159,8 +160,8 @@ def score_stage(policy: Policy, query, state: SlotState, scaling: float, prefill
     selection = pool_scores(policy, running) if prefill else running
     if stage.kind == "retention":
         selection = retention_scores(running, labels, stage.retention_mix)
-    if stage.share_across_heads:  # one token set for the whole layer
-        selection = selection.mean(dim=1, keepdim=True).expand_as(selection)
+    if stage.share_across_heads:  # one token set for the whole layer, from every rank's heads
+        selection = heads.gather_heads(selection, group).mean(dim=1, keepdim=True).expand_as(selection)
     return Scores(selection, running)
 
 
@@ -184,12 +185,14 @@ def retention_scores(attention: torch.Tensor, labels: torch.Tensor, mix: float) 
     return torch.where(valid, mix * share + (1 - mix) * entropy, 0.0)
 
 
-def dual_attention(query, keys, labels, positions, scaling: float, window: int = 0):
+def dual_attention(query, keys, labels, positions, scaling: float, window: int = 0, group: str = ""):
     """HAE's dual-attention scores of each slot from the text queries after the last visual slot, attention
-    averaged over every query head: global ``G`` (summed over those queries) and individual ``I`` (their
-    maximum). Returns ``(G, I)``, each ``[B, Hkv, S]`` and equal over KV heads (one decision per row)."""
+    averaged over every query head (of every rank in ``group``): global ``G`` (summed over those queries) and
+    individual ``I`` (their maximum). Returns ``(G, I)``, each ``[B, Hkv, S]`` and equal over KV heads (one
+    decision per row)."""
     batch, num_kv, seq, _ = keys.shape
     num_new = query.shape[2]
+    query_heads = query.shape[1] * heads.world_size(group)
     text_after = post_vision_queries(labels, positions) & (labels == TEXT)
     total = torch.zeros(batch, seq, dtype=torch.float32, device=keys.device)
     peak = torch.zeros_like(total)
@@ -198,7 +201,8 @@ def dual_attention(query, keys, labels, positions, scaling: float, window: int =
         slots = torch.arange(seq - num_new + start, seq - num_new + stop, device=keys.device)
         visible = visible_keys(labels, positions, slots, window)
         probs = attention_probs(query[:, :, start:stop], keys, visible, scaling)
-        probs = probs.mean(dim=(1, 2)) * text_after[:, 0, slots].unsqueeze(-1)  # [B, Lq, S]
+        probs = heads.sum_over_ranks(probs.sum(dim=(1, 2)), group) / query_heads
+        probs = probs * text_after[:, 0, slots].unsqueeze(-1)  # [B, Lq, S]
         total += probs.sum(1)
         peak = torch.maximum(peak, probs.amax(1))
     expand = (batch, num_kv, seq)
@@ -229,22 +233,26 @@ def budget_stage(
 def head_budget_stage(
     policy: Policy, selection: torch.Tensor, live: torch.Tensor, forced: torch.Tensor, counts: torch.Tensor
 ) -> torch.Tensor:
-    """AdaKV: spread a layer's budget over its KV heads by a top-k over all heads' scores together.
+    """AdaKV: spread a layer's budget over its KV heads by a top-k over all heads' scores together (every
+    rank's heads under tensor parallelism: the ranking is the one-process ranking, in head order).
 
     Each head keeps its forced slots, ``head_floor`` of its uniform share, and the rest of its share in
     proportion to how many of the layer-wide top scores it holds, at most its uniform count: every head's
     slots are padded to one length, so a head above the uniform count would hold memory beyond the budget.
     Returns counts ``[B, Hkv]``.
     """
+    group = policy.placement.heads
     num_forced = (forced & live).sum(-1)
     uniform_free = (counts - num_forced).clamp(min=0)
     candidates = live & ~forced
-    flat = torch.where(candidates, selection, float("-inf")).flatten(1)
+    everyone = heads.gather_heads(torch.where(candidates, selection, float("-inf")), group)
+    flat = everyone.flatten(1)
     order = torch.argsort(flat, dim=-1, descending=True, stable=True)
     ranks = torch.empty_like(order).scatter_(
         -1, order, torch.arange(flat.shape[-1], device=flat.device).expand_as(order)
     )
-    won = (ranks < uniform_free.sum(-1, keepdim=True)).view(selection.shape) & candidates
+    layer_free = heads.sum_over_ranks(uniform_free.sum(-1, keepdim=True), group)
+    won = heads.local_heads((ranks < layer_free).view(everyone.shape), group) & candidates
     wins = won.sum(-1).double()
     floor = policy.budget.head_floor
     free = ((1 - floor) * wins + floor * uniform_free.double()).floor().long()

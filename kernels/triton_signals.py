@@ -177,27 +177,28 @@ def row_signals(
     return value, seen.bool()
 
 
-def _row_mean(value: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """Mean over heads and seen rows, per batch row, float64 ``[B]`` (0 where no row sees a key)."""
+def _row_sums(value: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """Sum over heads and seen rows, and the number of seen rows, per batch row: float64 ``[B, 2]``."""
     total = torch.where(seen, value, 0.0).double().sum(dim=(1, 2))
     rows = seen.sum(dim=(1, 2)).double()
-    return torch.where(rows > 0, total / rows.clamp(min=1), 0.0)
+    return torch.stack([total, rows], dim=-1)
 
 
-def layer_signal(query, keys, labels, positions, scaling: float, signal: str, window: int = 0) -> torch.Tensor:
-    """Triton version of the reference's per-row signal (``layer_signals._layer_signal``): ``[B]`` float32."""
+def layer_signal_sums(query, keys, labels, positions, scaling: float, signal: str, window: int = 0) -> torch.Tensor:
+    """Triton version of the reference's per-part sums (``layer_signals._layer_signal_sums``): float64
+    ``[B, parts, 2]``."""
     valid = labels != INVALID
     if signal == "attention":
         value, seen = row_signals(
             query, keys, positions, valid, valid, scaling, cross=False, density=False, window=window
         )
-        return _row_mean(value, seen).float()
+        return _row_sums(value, seen).unsqueeze(1)
     if signal == "density":
         post_vision = post_vision_queries(labels, positions)
         value, seen = row_signals(
             query, keys, positions, post_vision, valid, scaling, cross=False, density=True, window=window
         )
-        return _row_mean(value, seen).float()
+        return _row_sums(value, seen).unsqueeze(1)
     if signal != "cross_modal":
         raise ValueError(f"unknown layer signal {signal!r}")
     # 1 text, 2 visual, 0 invalid: one launch covers both directions; rows are split by their own code after.
@@ -205,6 +206,4 @@ def layer_signal(query, keys, labels, positions, scaling: float, signal: str, wi
     value, seen = row_signals(query, keys, positions, code, code, scaling, cross=True, density=False, window=window)
     group = query.shape[1] // keys.shape[1]
     row_code = code[..., keys.shape[2] - query.shape[2] :].repeat_interleave(group, dim=1)  # [B, Hq, Lq]
-    text_to_visual = _row_mean(value, seen & (row_code == 1))
-    visual_to_text = _row_mean(value, seen & (row_code == 2))
-    return (text_to_visual + visual_to_text).float()
+    return torch.stack([_row_sums(value, seen & (row_code == 1)), _row_sums(value, seen & (row_code == 2))], dim=1)

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from mmkv_compile.backend import MMKVBackend
 from mmkv_compile.cache import MMKVCache, MMKVLayer
-from mmkv_compile.compat import cache_argument, call_cache, pop_cache
+from mmkv_compile.compat import cache_argument, call_cache, head_group, pop_cache
 from mmkv_compile.config import CompressionConfig
 from mmkv_compile.masks import slot_attention_mask
 from mmkv_compile.reports import DECODE, PREFILL, ExplainReport, GraphReport
@@ -58,8 +58,15 @@ def prepare_call(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) ->
     if kwargs.get("use_cache") is False:
         return kwargs
     cache = pop_cache(kwargs)
+    heads = head_group(model)
     if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
-        cache = MMKVCache(model.config)
+        cache = MMKVCache(model.config, heads=heads)
+    elif isinstance(cache, MMKVCache) and cache.heads != heads:
+        raise ValueError(
+            f"the model's KV heads are split over process group {heads!r} (tensor parallelism) but the MMKVCache "
+            f"passed was built for {cache.heads!r}: build it as MMKVCache(model.config, heads=head_group(model)) "
+            "(mmkv_compile.compat.head_group), or pass none"
+        )
     kwargs[cache_argument(model)] = cache
     if isinstance(cache, MMKVCache):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -156,6 +163,7 @@ def compile(
     module); this function compiles the forward that generate calls.
     """
     config = CompressionConfig.from_options(_options(method, budget, inductor, method_options))
+    head_group(model)  # a tensor-parallel model whose KV heads do not split evenly fails here, not mid-trace
     install_output_hooks(model)
     model.forward = CompiledForward(model, MMKVBackend(config), mode, dynamic)
     return model

@@ -34,16 +34,17 @@ class MMKVLayer(CacheLayerMixin):
 
     ``rank`` is the layer's place among the cache's compressed layers and ``count`` their number (what per-layer
     schedules read); ``window`` is its sliding attention window, 0 for full attention. A sliding layer keeps at
-    most ``window`` slots while decoding, as transformers' sliding layer does.
+    most ``window`` slots while decoding, as transformers' sliding layer does. ``heads`` names the process group
+    the layer's KV heads are split over under tensor parallelism ("" when this process holds them all).
     """
 
     is_croppable = False
     # generate() would wrap an already compiled forward in a second torch.compile if this were True.
     is_compileable = False
 
-    def __init__(self, rank: int = 0, count: int = 1, window: int = 0, **kwargs):
+    def __init__(self, rank: int = 0, count: int = 1, window: int = 0, heads: str = "", **kwargs):
         super().__init__()
-        self.placement = LayerPlacement(index=rank, count=count, window=window)
+        self.placement = LayerPlacement(index=rank, count=count, window=window, heads=heads)
         # what the graph records; a str, since Dynamo makes ints that differ between layers symbolic inputs
         self.placement_text = self.placement.to_string()
         self.is_sliding = bool(window)
@@ -162,12 +163,16 @@ class MMKVCache(Cache):
     pass ``cache=MMKVCache(model.config)`` (``past_key_values=`` before transformers 5.24) and call
     :meth:`observe` with each call's inputs before it.
 
+    ``heads``: under tensor parallelism, the process group the model's KV heads are split over
+    (``mmkv_compile.compat.head_group(model)``; the compiled routes pass it), else "".
+
     ``pending`` holds the eager reference path's unfinished cross-layer schedule during one forward call.
     """
 
-    def __init__(self, config=None, **kwargs):
+    def __init__(self, config=None, heads: str = "", **kwargs):
         decoder = _decoder_config(config)
-        layers = _layers_from_config(decoder) if decoder is not None else None
+        self.heads = heads
+        layers = _layers_from_config(decoder, heads) if decoder is not None else None
         self.num_decoder_layers: int | None = getattr(decoder, "num_hidden_layers", None)
         if layers is None:
             super().__init__(layer_class_to_replicate=MMKVLayer)
@@ -196,7 +201,7 @@ class MMKVCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             index = len(self.layers)
-            self.layers.append(MMKVLayer(rank=index, count=self.num_decoder_layers or index + 1))
+            self.layers.append(MMKVLayer(rank=index, count=self.num_decoder_layers or index + 1, heads=self.heads))
         layer = self.layers[layer_idx]
         if isinstance(layer, MMKVLayer):
             return layer.update(key_states, value_states, labels=self.incoming_labels)
@@ -275,7 +280,7 @@ def layer_kinds(decoder) -> tuple[list[str], list[dict]] | None:
     return list(layer_types), [{} if t == FULL else {"sliding_window": window} for t in layer_types]
 
 
-def _layers_from_config(decoder) -> list | None:
+def _layers_from_config(decoder, heads: str = "") -> list | None:
     """One layer per decoder layer: an :class:`MMKVLayer` for full and sliding-window attention, transformers' own
     layer class for every other type (chunked, linear), which mmkv leaves alone. None when the config does not
     say (then layers are created as they are used)."""
@@ -288,7 +293,8 @@ def _layers_from_config(decoder) -> list | None:
     for kind, kwargs, mine in zip(layer_types, layer_kwargs, ours, strict=True):
         if mine:
             window = int(kwargs.get("sliding_window") or 0) if kind == SLIDING else 0
-            layers.append(MMKVLayer(rank=sum(isinstance(x, MMKVLayer) for x in layers), count=count, window=window))
+            rank = sum(isinstance(x, MMKVLayer) for x in layers)
+            layers.append(MMKVLayer(rank=rank, count=count, window=window, heads=heads))
         else:
             layers.append(cache_utils.DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
     return layers

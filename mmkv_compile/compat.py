@@ -1,7 +1,8 @@
 """Differences between the transformers releases mmkv supports (5.2 to the newest 5.x), in one place.
 
 transformers 5.24 renamed the forward's cache argument and the outputs' cache field from ``past_key_values``
-to ``cache`` (the old name still works there, with a deprecation warning).
+to ``cache`` (the old name still works there, with a deprecation warning). Tensor parallelism keeps its device
+mesh in a private attribute whose shape changed in 5.23 (:func:`head_group`).
 """
 
 from __future__ import annotations
@@ -61,11 +62,36 @@ def output_cache(output: Any) -> Any:
     return None
 
 
+def head_group(model: Any) -> str:
+    """The name of the process group ``model``'s KV heads are split over by transformers' tensor parallelism
+    (``from_pretrained(..., tp_plan="auto")``), or "" when the model is not sharded.
+
+    transformers keeps the mesh in a private attribute in every release mmkv supports: a 1-D mesh in 5.2, a
+    ``(pp, fsdp, tp)`` mesh from 5.23. Raises ValueError when the KV heads do not divide over the ranks."""
+    size = getattr(model, "tp_size", None) or 1
+    if size <= 1:
+        return ""
+    mesh = getattr(model, "_device_mesh", None)
+    if mesh is None:
+        raise ValueError(f"the model is tensor parallel (tp_size={size}) but transformers exposes no device mesh")
+    names = mesh.mesh_dim_names or ()
+    group = mesh["tp"].get_group() if "tp" in names else mesh.get_group()
+    config = model.config.get_text_config(decoder=True)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if kv_heads % group.size():
+        raise ValueError(
+            f"tensor parallelism over {group.size()} ranks needs the KV heads to divide evenly, but the decoder has "
+            f"{kv_heads}: choose a world size that divides {kv_heads}"
+        )
+    return group.group_name
+
+
 __all__ = [
     "CACHE_ARGUMENTS",
     "cache_argument",
     "call_cache",
     "forward_takes",
+    "head_group",
     "output_cache",
     "pop_cache",
     "takes_a_cache",

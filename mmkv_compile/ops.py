@@ -27,7 +27,8 @@ _STATE_ARGS = ", ".join(f"Tensor {name}" for name in STATE_FIELDS)
 _STATE_OUT = "(" + ", ".join("Tensor" for _ in STATE_FIELDS) + ")"
 _NEW_SLOTS = "Tensor new_keys, Tensor new_values, Tensor new_labels, Tensor new_positions"
 # Which layer appends, recorded in the graph as a constant argument of cache_append (a LayerPlacement string):
-# the pass reads the layer's rank, the cache's compressed-layer count and the layer's window from there.
+# the pass reads the layer's rank, the cache's compressed-layer count, the layer's window and, under tensor
+# parallelism, the process group its KV heads are split over from there.
 _LAYER_ARGS = "str placement"
 
 SCHEMAS = {
@@ -37,7 +38,7 @@ SCHEMAS = {
         f"Tensor? layer_budgets=None, Tensor? keep_positions=None) -> {_STATE_OUT}"
     ),
     "layer_signal": "(Tensor query, Tensor keys, Tensor labels, Tensor positions, float scaling, str signal, "
-    "int window) -> Tensor",
+    "str placement) -> Tensor",
     "allocate_layer_budgets": "(Tensor[] signals, float budget, float floor, str rule) -> Tensor",
     "head_demand": "(Tensor query, Tensor keys, Tensor labels, Tensor positions, float scaling, str policy) -> Tensor",
     "compensate_layer_budgets": "(Tensor[] demands, float budget, float cap) -> Tensor",
@@ -138,10 +139,11 @@ def _score_evict_merge_fake(query, *args, layer_budgets=None, keep_positions=Non
 # -- per-layer budgets ------------------------------------------------------------------------------------
 
 
-def _layer_signal(query, keys, labels, positions, scaling, signal, window):
+def _layer_signal(query, keys, labels, positions, scaling, signal, placement):
     from mmkv_compile.kernels import layer_signals
 
-    return layer_signals.layer_signal(query, keys, labels, positions, scaling, signal, window)
+    where = LayerPlacement.from_string(placement)
+    return layer_signals.layer_signal(query, keys, labels, positions, scaling, signal, where.window, where.heads)
 
 
 def _allocate(signals, budget, floor, rule):
@@ -154,6 +156,13 @@ def _head_demand(query, keys, labels, positions, scaling, policy):
     from mmkv_compile.kernels import compensation
 
     return compensation.head_demand(query, keys, labels, positions, scaling, Policy.from_string(policy))
+
+
+def _head_demand_fake(query, keys, labels, positions, scaling, policy):
+    from mmkv_compile.kernels import heads
+
+    num_heads = keys.shape[1] * heads.world_size(Policy.from_string(policy).placement.heads)
+    return keys.new_empty((keys.shape[0], num_heads, 3), dtype=torch.int64)
 
 
 def _compensate(demands, budget, cap):
@@ -184,7 +193,7 @@ for _name, _kernel, _fake in (
     ("score_evict_merge", _score_evict_merge, _score_evict_merge_fake),
     ("layer_signal", _layer_signal, lambda q, k, *rest: k.new_empty((k.shape[0], 2), dtype=torch.float64)),
     ("allocate_layer_budgets", _allocate, lambda s, *rest: s[0].new_empty((len(s), s[0].shape[0]), dtype=torch.int64)),
-    ("head_demand", _head_demand, lambda q, k, *rest: k.new_empty((*k.shape[:2], 3), dtype=torch.int64)),
+    ("head_demand", _head_demand, _head_demand_fake),
     ("compensate_layer_budgets", _compensate, lambda d, *rest: d[0].new_empty((len(d), d[0].shape[0]))),
     ("is_causal_mask", _is_causal_mask, lambda mask: mask.new_empty((), dtype=torch.bool)),
     ("causal_or_masked_attention", _causal_or_masked_attention, _attention_fake),

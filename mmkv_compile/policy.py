@@ -195,21 +195,24 @@ class MergeStage:
 
 @dataclass(frozen=True)
 class LayerPlacement:
-    """Where one operator call sits: its decoder layer, how many layers the cache has, and the layer's
-    attention window (0 for full attention). Set per site from the cache layer, never by a method."""
+    """Where one operator call sits: its decoder layer, how many layers the cache has, the layer's attention
+    window (0 for full attention), and the process group its KV heads are split over under tensor parallelism
+    ("" when this process holds them all: ``kernels/heads.py``). Set per site from the cache layer, never by a
+    method."""
 
     index: int = 0
     count: int = 1
     window: int = 0
+    heads: str = ""
 
     def to_string(self) -> str:
         """The form ``mmkv::cache_append`` records in the graph."""
-        return f"{self.index}:{self.count}:{self.window}"
+        return f"{self.index}:{self.count}:{self.window}:{self.heads}"
 
     @staticmethod
     def from_string(text: str) -> LayerPlacement:
-        index, count, window = (int(part) for part in text.split(":"))
-        return LayerPlacement(index, count, window)
+        index, count, window, heads = text.split(":", 3)
+        return LayerPlacement(int(index), int(count), int(window), heads)
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,18 @@ class Policy:
     def static_output_length(self) -> bool:
         """Whether the kept length follows from shapes alone (no data-dependent size)."""
         return self.keeps_everything or not self.budget.needs_all_layers()
+
+    @property
+    def reduces_over_heads(self) -> bool:
+        """Whether a decision reduces over a layer's KV heads (so, under tensor parallelism, over ranks): TOVA's
+        shared score, AdaKV's top-k over heads, HAE's dual attention, the allocated and compensated schedules'
+        layer signals."""
+        return not self.keeps_everything and (
+            self.score.share_across_heads
+            or self.score.kind == "dual_attention"
+            or self.budget.head_budget == "global_topk"
+            or self.budget.needs_all_layers()
+        )
 
     def at_layer(self, placement: LayerPlacement) -> Policy:
         """This policy for one decoder layer."""

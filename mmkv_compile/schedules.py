@@ -141,7 +141,7 @@ class Allocated(TwoPhase):
     def signal(self, emit: Emitter, step: LayerStep, query) -> Any:
         state = step.state
         return emit.op(ops.LAYER_SIGNAL, query, state.keys, state.labels, state.positions, float(step.scaling),
-                       self.policy.budget.layer_signal, step.placement.window)  # fmt: skip
+                       self.policy.budget.layer_signal, step.placement.to_string())  # fmt: skip
 
     def allocate(self, emit: Emitter, signals: list) -> Any:
         budget = self.policy.budget

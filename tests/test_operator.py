@@ -8,6 +8,7 @@ import pytest
 import torch
 from support import IMAGE, INVALID, TEXT, kept_positions, policy_of, random_state, run_op, slot_state
 
+from mmkv_compile.policy import LayerPlacement
 from mmkv_compile.state import SlotState
 
 
@@ -40,7 +41,7 @@ def test_opcheck(method, budget, prefill, params):
 def test_opcheck_cache_append():
     _, state = random_state(seq=6)
     _, new = random_state(seq=2)
-    args = (*state, new.keys, new.values, new.labels, new.positions, "0:2:0")
+    args = (*state, new.keys, new.values, new.labels, new.positions, LayerPlacement(0, 2).to_string())
     torch.library.opcheck(torch.ops.mmkv.cache_append.default, args)
 
 
@@ -158,8 +159,6 @@ def test_sliding_window_layer_keeps_only_what_its_window_can_still_see():
     budget 0.5 it keeps floor(0.5 * 4) = 2 of them, scored with windowed attention."""
     query, state = random_state(seq=12, seed=3)
     policy = policy_of("snapkv", 0.5, window=2, pool="none")
-    from mmkv_compile.policy import LayerPlacement
-
     out = run_op(policy.at_layer(LayerPlacement(window=5)), query, state)
     assert out.labels.shape[-1] == 2
     assert set(out.positions[0, 0].tolist()) <= {8, 9, 10, 11}

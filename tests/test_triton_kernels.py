@@ -478,6 +478,7 @@ def check_signal(params: dict, inputs: dict) -> str | None:
     """One layer signal, Triton against the torch version: within 1e-5 (float32) or 1e-2 relative (half)."""
     from mmkv_compile.kernels import layer_signals as ls
     from mmkv_compile.kernels import triton_signals as ts
+    from mmkv_compile.policy import LayerPlacement
 
     labels = signal_labels(inputs)
     signal = params["signal"]
@@ -492,18 +493,19 @@ def check_signal(params: dict, inputs: dict) -> str | None:
         import mmkv_compile.ops  # noqa: F401  (registers torch.ops.mmkv)
 
         calls = []
-        original = ts.layer_signal
-        ts.layer_signal = lambda *a: calls.append(1) or original(*a)
+        original = ts.layer_signal_sums
+        ts.layer_signal_sums = lambda *a: calls.append(1) or original(*a)
         os.environ["MMKV_KERNEL"] = "triton"
         try:
-            got = torch.ops.mmkv.layer_signal(*call)[:, 0].float()
+            placement = LayerPlacement(window=window).to_string()
+            got = torch.ops.mmkv.layer_signal(*call[:-1], placement)[:, 0].float()
         finally:
             del os.environ["MMKV_KERNEL"]
-            ts.layer_signal = original
+            ts.layer_signal_sums = original
         if calls != [1]:
             return f"MMKV_KERNEL=triton did not dispatch to the Triton signal kernel (calls: {calls})"
     else:
-        got = ts.layer_signal(*call)
+        got = ls.row_means(ts.layer_signal_sums(*call)).sum(-1).float()
     if got.shape != want.shape or got.dtype != torch.float32:
         return f"shape/dtype {tuple(got.shape)} {got.dtype} != {tuple(want.shape)} {want.dtype}"
     tol = 1e-5 if inputs["keys"].dtype == torch.float32 else 1e-2
