@@ -46,12 +46,26 @@ def _add_bench(commands) -> None:
     speed.add_argument("--repeats", type=int, default=3, help="timed runs per cell (medians are shown)")
     speed.add_argument("--new-tokens", type=int, default=32)
     speed.add_argument("--out", default="bench-out/speed", help="folder for table.md, results.json and plots")
-    quality = kinds.add_parser("quality", help="KL and top-1 agreement vs the full cache, passkey retrieval")
+    quality = kinds.add_parser("quality", help="KL and top-1 agreement vs the full cache, passkey retrieval; "
+                               "with --model cards-vlm, accuracy on multi-image questions")  # fmt: skip
     quality.add_argument("--context", type=int, default=1024, help="prompt tokens before the continuation")
     quality.add_argument("--continuation", type=int, default=64, help="teacher-forced tokens compared")
-    quality.add_argument("--budgets", type=_budget, nargs="+", default=[0.5, 0.2])
-    quality.add_argument("--methods", nargs="+", default=["snapkv", "h2o", "streaming_llm", "text_prior"],
-                         choices=sorted(METHODS))  # fmt: skip
+    quality.add_argument("--budgets", type=_budget, nargs="+", default=None,
+                         help="default: 0.5 0.2 (text), 1.0 0.5 0.2 0.1 (cards)")  # fmt: skip
+    quality.add_argument("--methods", nargs="+", default=None, choices=sorted(METHODS),
+                         help="default: snapkv h2o streaming_llm text_prior (text); the seed and multimodal "
+                         "methods (cards)")  # fmt: skip
+    quality.add_argument("--questions", type=int, default=100,
+                         help="cards: held-out questions per run (--seed picks which)")  # fmt: skip
+    quality.add_argument("--images", type=int, default=16, help="cards: images per prompt (16 tokens each)")
+    quality.add_argument("--eager-operator", dest="operator", action="store_const", const="eager",
+                         default="compiled", help="cards: apply methods with apply_eagerly (the uncompiled reference "
+                         "the compiled model is tested against; no compile time) instead of compile")  # fmt: skip
+    quality.add_argument("--kinds", nargs="+", default=None, help="cards: question kinds asked in turn (default: "
+                         "digit_by_index digit_by_colour compare text_needle; count is the fifth)")  # fmt: skip
+    quality.add_argument("--question-in-prompt", action="store_true",
+                         help="cards: prefill the question with the images (the answer word then comes from the "
+                         "uncompressed prefill) instead of compressing the images before the question")  # fmt: skip
     quality.add_argument("--passkey-lengths", type=int, nargs="*", default=None,
                          help="passkey prompt lengths (default: --context); none skips the passkey test")  # fmt: skip
     quality.add_argument("--passkey-depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
@@ -104,7 +118,10 @@ def _run_bench(args) -> int:
             lengths = [args.context] if args.passkey_lengths is None else args.passkey_lengths
             run_quality(QualitySettings(context=args.context, continuation=args.continuation, passkey_lengths=lengths,
                                         passkey_depths=args.passkey_depths, teacher_forcing=args.teacher_forcing,
-                                        caches=args.caches, inductor=args.inductor, **common))  # fmt: skip
+                                        caches=args.caches, inductor=args.inductor, questions=args.questions,
+                                        images=args.images, operator=args.operator,
+                                        question_in_prompt=args.question_in_prompt, kinds=args.kinds,
+                                        **common))  # fmt: skip
     except (ValueError, RealWeightsMissing) as exc:
         print(f"mmkv bench {args.bench}: {exc}", file=sys.stderr)
         return 2

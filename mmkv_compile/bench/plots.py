@@ -111,6 +111,42 @@ def plot_quality(rows: list[dict], passkey: list[dict], out_dir: str | Path) -> 
     return [_save(fig, Path(out_dir) / "quality.png", plt)]
 
 
+MODALITY_AWARE = ("madakv", "retentivekv", "hae", "meda", "look_m", "vl_cache", "text_prior")  # drawn solid
+
+
+def plot_cards_quality(rows: list[dict], out_dir: str | Path) -> list[Path]:
+    """``quality_cards.png``: exact-match accuracy and KL to the full cache against the budget, one line per
+    method (modality-aware methods solid, the others dashed, random eviction black and dotted), the full cache
+    as a gray horizontal line."""
+    plt = _pyplot()
+    if plt is None:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    lines: dict[str, list[dict]] = {}
+    full = [row for row in rows if row["source"] == "full cache"]
+    for row in rows:
+        if row.get("budget") is not None and _varies_with_budget(row):
+            lines.setdefault(row["method"], []).append(row)
+    colours = plt.get_cmap("tab20").colors  # one colour per method: the default cycle repeats after ten
+    measures = (("accuracy", "exact-match accuracy"), ("kl", "KL(full || compressed) over the answer, nats/token"))
+    for ax, (key, title) in zip(axes, measures):
+        for index, (name, points) in enumerate(lines.items()):
+            points = sorted(points, key=lambda r: r["budget"])
+            style = ":" if name == "random" else "-" if name in MODALITY_AWARE else "--"
+            colour = "black" if name == "random" else colours[index % len(colours)]
+            ax.plot([p["budget"] for p in points], [p[key] for p in points], style, color=colour, marker="o",
+                    label=name)  # fmt: skip
+        for row in full:
+            ax.axhline(row[key], color="gray", linewidth=1, label="full cache")
+        ax.set_xscale("log")
+        ax.set_xlabel("budget (share of the context kept, log scale)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return [_save(fig, Path(out_dir) / "quality_cards.png", plt)]
+
+
 def _passkey_grid(ax, passkey: list[dict]) -> None:
     """Runs down, depths across; each cell is coloured by the share found and labelled hits/trials."""
     runs = list(dict.fromkeys(trial["run"] for trial in passkey))

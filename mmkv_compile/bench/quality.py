@@ -12,28 +12,41 @@ Two measures per method and budget, each against the full cache as the ceiling:
 Methods are compressed the way the product does it, ``mmkv_compile.compile(model, method, budget)``.
 A ``random`` row evicts at random at the same budget (after an uncompiled prefill): the floor a method
 must beat. kvpress presses run at the same budgets when kvpress is installed.
+
+A model trained on the cards task (``--model cards-vlm``, see :mod:`mmkv_compile.bench.cards`) is scored on
+held-out multi-image questions instead (:func:`run_cards_quality`): exact-match accuracy per question kind,
+KL to the full cache over the answer tokens, and the share of image and text slots each method keeps.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
 import mmkv_compile
-from mmkv_compile.bench import corpus, report
+from mmkv_compile.bench import cards, corpus, report
 from mmkv_compile.bench.kvpress_adapter import KVPress, has_press, kvpress_missing
-from mmkv_compile.bench.models import BenchModel, TinyScale, load_bench_model
+from mmkv_compile.bench.models import CARDS_TASK, BenchModel, TinyScale, load_bench_model
 from mmkv_compile.cache import MMKVCache
+from mmkv_compile.labels import Modality
 from mmkv_compile.methods import compresses
 from mmkv_compile.policy import BudgetStage
 
 ANSWER_TOKENS = 8
 CACHES = ("full", "mmkv", "random", "kvpress")  # the kinds of row: ceiling, product, floor, other library
+TEXT_BUDGETS: list[float | int] = [0.5, 0.2]
+TEXT_METHODS = ["snapkv", "h2o", "streaming_llm", "text_prior"]
+# The cards task: budgets from "keeps everything" down to 10%, and the methods the issue compares: the
+# modality-aware ones against the text-first ones (SnapKV, H2O, PyramidKV) and StreamingLLM's recency.
+CARDS_BUDGETS: list[float | int] = [1.0, 0.5, 0.2, 0.1]
+CARDS_METHODS = ["snapkv", "h2o", "pyramidkv", "streaming_llm", "madakv", "retentivekv", "hae", "meda", "look_m",
+                 "vl_cache", "text_prior"]  # fmt: skip
+OPERATORS = ("compiled", "eager")  # mmkv_compile.compile, or apply_eagerly (the reference it is tested against)
 
 
 @dataclass
@@ -43,8 +56,8 @@ class QualitySettings:
     model: str = "smollm2"
     context: int = 1024
     continuation: int = 64
-    budgets: list[float | int] = field(default_factory=lambda: [0.5, 0.2])
-    methods: list[str] = field(default_factory=lambda: ["snapkv", "h2o", "streaming_llm", "text_prior"])
+    budgets: list[float | int] | None = None  # None: TEXT_BUDGETS, or CARDS_BUDGETS for the cards task
+    methods: list[str] | None = None  # None: TEXT_METHODS, or CARDS_METHODS for the cards task
     passkey_lengths: list[int] = field(default_factory=lambda: [1024])
     passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     teacher_forcing: str = "step"
@@ -55,6 +68,11 @@ class QualitySettings:
     dtype: str = "float32"
     scale: TinyScale = field(default_factory=TinyScale)
     seed: int = 0
+    questions: int = 100  # cards task: held-out questions per run, the kinds in turn
+    images: int = 16  # cards task: images per prompt
+    operator: str = "compiled"  # cards task: one of OPERATORS
+    question_in_prompt: bool = False  # cards task: prefill the question with the context (see answer_logits)
+    kinds: list[str] | None = None  # cards task: question kinds asked in turn (None: cards.BENCH_KINDS)
 
 
 @dataclass
@@ -259,22 +277,32 @@ COLUMNS: list[report.Column] = [
 ]
 
 
-def run_quality(settings: QualitySettings, out=print) -> dict:
-    """Run the quality benchmark; print the table (through ``out``), write outputs; return the results."""
-    torch._logging.set_logs(dynamo=logging.ERROR)
-    torch.manual_seed(settings.seed)
-    bench = load_bench_model(settings.model, settings.scale, settings.device, getattr(torch, settings.dtype))
-    facts = report.machine()
-    missing = kvpress_missing() if "kvpress" in settings.caches else None
+def plan_runs(settings: QualitySettings, kvpress: bool) -> list[Run]:
+    """The rows a quality run computes, in table order: the full cache (ceiling), each method at each budget
+    (with kvpress's matching press beside it when ``kvpress``), random eviction (floor)."""
     runs = [Run("full cache", "full", None)] if "full" in settings.caches else []
     for method in settings.methods:
         for budget in settings.budgets if compresses(method) else [1.0]:
             if "mmkv" in settings.caches:
                 runs.append(Run("mmkv", method, budget))
-            if "kvpress" in settings.caches and not missing and has_press(method):
+            if kvpress and "kvpress" in settings.caches and has_press(method):
                 runs.append(Run("kvpress", method, budget))
     if "random" in settings.caches:
         runs += [Run("random", "random", budget) for budget in settings.budgets]
+    return runs
+
+
+def run_quality(settings: QualitySettings, out=print) -> dict:
+    """Run the quality benchmark; print the table (through ``out``), write outputs; return the results."""
+    torch._logging.set_logs(dynamo=logging.ERROR)
+    torch.manual_seed(settings.seed)
+    bench = load_bench_model(settings.model, settings.scale, settings.device, getattr(torch, settings.dtype))
+    if bench.task == CARDS_TASK:
+        return run_cards_quality(settings, bench, out)
+    settings = replace(settings, budgets=settings.budgets or TEXT_BUDGETS, methods=settings.methods or TEXT_METHODS)
+    facts = report.machine()
+    missing = kvpress_missing() if "kvpress" in settings.caches else None
+    runs = plan_runs(settings, kvpress=not missing)
     bar = tqdm(total=len(runs) + 1, desc="mmkv bench quality", unit="run")
     bar.set_postfix_str("reference logits")
     state = _Bench(settings, bench)
@@ -318,5 +346,207 @@ def run_quality(settings: QualitySettings, out=print) -> dict:
         from mmkv_compile.bench.plots import plot_quality
 
         written += plot_quality(rows, state.trials, settings.out)
+        out("\nwrote " + ", ".join(str(path) for path in written))
+    return results
+
+
+# -- the cards task: multi-image questions on a trained VLM -------------------------------------------
+
+
+def cards_samples(settings: QualitySettings) -> list[cards.CardsSample]:
+    """The held-out questions of ``settings.seed``: ``questions`` seeds from ``seed * questions`` on (so seeds
+    pick disjoint sets), the question kinds (``settings.kinds``, default ``cards.BENCH_KINDS``) in turn so
+    each kind is asked equally often."""
+    first = settings.seed * settings.questions
+    kinds = tuple(settings.kinds or cards.BENCH_KINDS)
+    unknown = sorted(set(kinds) - set(cards.QUESTION_KINDS))
+    if unknown:
+        raise ValueError(f"unknown question kinds {unknown}; choose from {', '.join(cards.QUESTION_KINDS)}")
+    seeds = cards.evaluation_seeds(settings.questions, seed=first)
+    return [cards.make_sample(seed, settings.images, kinds[index % len(kinds)]) for index, seed in enumerate(seeds)]
+
+
+def _call(model, cache, **inputs):
+    if isinstance(cache, MMKVCache):
+        cache.observe(inputs["input_ids"])  # labels for an uncompiled model (a compiled one observes again)
+    return model(**inputs, past_key_values=cache, use_cache=True)
+
+
+def kept_shares(cache, prompt_ids: torch.Tensor) -> dict[str, float]:
+    """Share of the prompt's image slots and text slots still cached, over every layer and KV head."""
+    if not isinstance(cache, MMKVCache) or not cache.mmkv_layers:
+        return {"image_kept": 1.0, "text_kept": 1.0}
+    images = int((prompt_ids == cards.IMAGE_TOKEN_ID).sum())
+    counts = {"image_kept": (Modality.IMAGE, images), "text_kept": (Modality.TEXT, prompt_ids.numel() - images)}
+    shares = {}
+    for name, (modality, total) in counts.items():
+        kept = [(layer.labels == int(modality)).sum(-1).float().mean() for layer in cache.mmkv_layers]
+        shares[name] = float(torch.stack(kept).mean()) / total
+    return shares
+
+
+def answer_logits(
+    model, sample: cards.CardsSample, cache, after_prefill=None, dtype=torch.float32, question_in_prompt: bool = False
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Prefill the context (images and the text fact) into ``cache``, let ``after_prefill(cache)`` evict,
+    then feed the question and the expected answer one token per call (as ``generate`` feeds tokens).
+    Returns the logits [A, V] that predict each of the A answer tokens (the answer word, then eos), and the
+    kept shares right after the prefill.
+
+    The question comes after the compression by default: a one-word answer to a question inside the prompt
+    is read off the prefill's last position, which attends to the whole uncompressed prompt, so no method
+    could change it (``question_in_prompt=True`` measures that setting: only the eos after the answer sees
+    the compressed cache). After the prefill every method decides what to keep before it knows the
+    question, as when one compressed cache serves the later turns of a chat."""
+    asked = sample.input_ids.shape[-1]  # the answer's first token follows the question's last, at asked - 1
+    split = asked if question_in_prompt else sample.question_start
+    prompt = sample.input_ids[:, :split]
+    feed = sample.input_ids[0, split:].tolist() + sample.answer_ids[:-1]
+    logits = []
+    with torch.no_grad():
+        out = _call(model, cache, input_ids=prompt, pixel_values=sample.pixel_values.to(dtype))
+        if question_in_prompt:
+            logits.append(out.logits[0, -1].float())
+        if after_prefill is not None:
+            after_prefill(cache)
+        shares = kept_shares(cache, prompt)
+        for position, token in enumerate(feed, start=split):
+            out = _call(model, cache, input_ids=torch.tensor([[token]]))
+            if position >= asked - 1:
+                logits.append(out.logits[0, -1].float())
+    return torch.stack(logits), shares
+
+
+class _Cards:
+    """The held-out questions and the full cache's logits on them (the ceiling every row is compared with)."""
+
+    def __init__(self, settings: QualitySettings, bench: BenchModel):
+        self.settings, self.bench = settings, bench
+        self.samples = cards_samples(settings)
+        model = bench.fresh()
+        self.reference = [self.logits(model, sample, DynamicCache())[0] for sample in self.samples]
+        self.trials: list[dict] = []
+
+    def logits(self, model, sample: cards.CardsSample, cache, after_prefill=None):
+        return answer_logits(model, sample, cache, after_prefill, self.bench.dtype, self.settings.question_in_prompt)
+
+    def score(self, run: Run, model, make_cache, after_prefill=None) -> dict:
+        """Exact match (per kind and overall), mean KL over the answer tokens, and mean kept shares."""
+        right, asked = dict.fromkeys(cards.QUESTION_KINDS, 0), dict.fromkeys(cards.QUESTION_KINDS, 0)
+        kls, image_kept, text_kept = [], [], []
+        for sample, reference in zip(self.samples, self.reference):
+            logits, shares = self.logits(model, sample, make_cache(), after_prefill)
+            predicted = logits.argmax(-1).tolist()
+            hit = predicted == sample.answer_ids  # greedy decoding would give the same tokens
+            right[sample.kind] += hit
+            asked[sample.kind] += 1
+            kls.append(kl_and_top1(reference, logits)[0])
+            image_kept.append(shares["image_kept"])
+            text_kept.append(shares["text_kept"])
+            self.trials.append({"run": run.name, "seed": sample.seed, "kind": sample.kind, "question": sample.question,
+                                "expected": sample.answer, "answer": cards.decode(predicted[:1]), "correct": hit})  # fmt: skip
+        row = {f"accuracy_{kind}": right[kind] / asked[kind] for kind in cards.QUESTION_KINDS if asked[kind]}
+        row.update(accuracy=sum(right.values()) / len(self.samples), kl=sum(kls) / len(kls),
+                   image_kept=sum(image_kept) / len(image_kept), text_kept=sum(text_kept) / len(text_kept))  # fmt: skip
+        return row
+
+
+def _cards_full(state: _Cards, run: Run) -> dict:
+    return state.score(run, state.bench.fresh(), DynamicCache)
+
+
+def _cards_mmkv(state: _Cards, run: Run) -> dict:
+    model, settings = state.bench.fresh(), state.settings
+    if settings.operator == "eager":
+        model = mmkv_compile.apply_eagerly(model, run.method, run.budget)
+    else:
+        model = mmkv_compile.compile(model, run.method, run.budget, inductor=settings.inductor)
+    return state.score(run, model, lambda: MMKVCache(model.config))
+
+
+def _cards_random(state: _Cards, run: Run) -> dict:
+    model = state.bench.fresh()
+    generator = torch.Generator().manual_seed(state.settings.seed)
+    return state.score(
+        run, model, lambda: MMKVCache(model.config), lambda cache: random_keep(cache, run.budget, generator)
+    )
+
+
+def cards_columns(kinds: tuple[str, ...]) -> list[report.Column]:
+    """The cards table's columns: the run, the kept shares, accuracy and KL, then accuracy per asked kind."""
+    return [
+        ("cache", "source", report.text),
+        ("method", "method", report.text),
+        ("budget", "budget", report.text),
+        ("image kept", "image_kept", report.fmt(3)),
+        ("text kept", "text_kept", report.fmt(3)),
+        ("accuracy", "accuracy", report.fmt(3)),
+        ("KL nats/token", "kl", report.sig(3)),
+        *((kind, f"accuracy_{kind}", report.fmt(2)) for kind in kinds),
+    ]
+
+
+def run_cards_quality(settings: QualitySettings, bench: BenchModel, out=print) -> dict:
+    """The quality benchmark on the cards task (``bench.task == CARDS_TASK``): one row per run (full cache,
+    each method at each budget, random eviction at each budget); print the table, write outputs (table.md,
+    results.json, quality_cards.png); return the results."""
+    if settings.operator not in OPERATORS:
+        raise ValueError(f"operator {settings.operator!r}: choose one of {', '.join(OPERATORS)}")
+    settings = replace(settings, budgets=settings.budgets or CARDS_BUDGETS, methods=settings.methods or CARDS_METHODS)
+    facts = report.machine()
+    runs = plan_runs(settings, kvpress=False)
+    bar = tqdm(total=len(runs) + 1, desc="mmkv bench quality (cards)", unit="run")
+    bar.set_postfix_str("full-cache reference")
+    state = _Cards(settings, bench)
+    bar.update(1)
+    rows = []
+    for run in runs:
+        bar.set_postfix_str(run.name)
+        do = {"full cache": _cards_full, "mmkv": _cards_mmkv, "random": _cards_random}[run.source]
+        rows.append({"source": run.source, "method": run.method, "budget": run.budget, **do(state, run)})
+        bar.update(1)
+    bar.close()
+    report.finish(facts)
+    sample = state.samples[0]
+    operator = "apply_eagerly (the eager operator)" if settings.operator == "eager" else (
+        f"mmkv_compile.compile, inductor={'on' if settings.inductor else 'off'}")  # fmt: skip
+    header = [
+        f"mmkv bench quality: model {bench.name} (trained weights), cards task, {settings.device} {settings.dtype}, "
+        f"methods through {operator}",
+        report.machine_line(facts),
+        f"{len(state.samples)} held-out questions (seeds {state.samples[0].seed}-{state.samples[-1].seed}, kinds "
+        f"{', '.join(dict.fromkeys(s.kind for s in state.samples))} in turn), {settings.images} images of {cards.TOKENS_PER_IMAGE} tokens each per prompt: a context of "
+        f"{sample.question_start} tokens ({sample.image_token_count} image tokens), "
+        + ("the question prefilled with it" if settings.question_in_prompt else "compressed before the question"),
+    ]
+    legend = (
+        "accuracy: exact match of the greedy answer (word and eos); per-kind columns the same per question kind. "
+        "KL: mean KL(full || compressed) over the answer tokens, nats/token. image kept / text kept: share of "
+        "the context's image / text slots still cached after the prefill, mean over layers and KV heads. "
+        + (
+            "The context and the question are prefilled together, so the answer word comes from the uncompressed "
+            "prefill; only the eos after it sees the compressed cache. "
+            if settings.question_in_prompt
+            else "The context (images and the text fact) is prefilled and compressed first, then the question is "
+            "fed one token per call: a method must keep what a question it has not seen will need. "
+        )
+        + "full cache = the uncompiled model, the ceiling; random = uniform random eviction at the same budget, "
+        "the floor."
+    )
+    text = (
+        "\n".join(header)
+        + "\n\n"
+        + report.markdown_table(rows, cards_columns(tuple(dict.fromkeys(s.kind for s in state.samples))))
+        + "\n\n"
+        + legend
+    )
+    out(text)
+    results = {"settings": asdict(settings), "machine": facts, "task": "cards", "legend": legend, "rows": rows,
+               "trials": state.trials}  # fmt: skip
+    if settings.out:
+        written = report.write(settings.out, text, results)
+        from mmkv_compile.bench.plots import plot_cards_quality
+
+        written += plot_cards_quality(rows, settings.out)
         out("\nwrote " + ", ".join(str(path) for path in written))
     return results
