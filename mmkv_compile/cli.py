@@ -45,6 +45,8 @@ def _add_bench(commands) -> None:
                        help="(a) uncompiled, (b) eager operator, (c) inductor full cache, (d) mmkv, (e) kvpress")  # fmt: skip
     speed.add_argument("--repeats", type=int, default=3, help="timed runs per cell (medians are shown)")
     speed.add_argument("--new-tokens", type=int, default=32)
+    speed.add_argument("--batch", type=int, default=1,
+                       help="rows per generate call, of different lengths, left-padded (throughput of all rows)")  # fmt: skip
     speed.add_argument("--out", default="bench-out/speed", help="folder for table.md, results.json and plots")
     quality = kinds.add_parser("quality", help="KL and top-1 agreement vs the full cache, passkey retrieval; "
                                "with --model cards-vlm, accuracy on multi-image questions")  # fmt: skip
@@ -111,7 +113,7 @@ def _run_bench(args) -> int:
             from mmkv_compile.bench.speed import SpeedSettings, run_speed
 
             run_speed(SpeedSettings(contexts=args.contexts, variants=args.variants, repeats=args.repeats,
-                                    new_tokens=args.new_tokens, **common))  # fmt: skip
+                                    new_tokens=args.new_tokens, batch=args.batch, **common))  # fmt: skip
         else:
             from mmkv_compile.bench.quality import QualitySettings, run_quality
 

@@ -68,6 +68,33 @@ def test_speed_reports_every_variant_with_ratios(tmp_path):
         assert (out / "speed_vs_context.png").stat().st_size > 0 and (out / "speed_vs_budget.png").exists()
 
 
+def test_batched_prompts_are_rows_of_different_lengths_left_padded():
+    from mmkv_compile.bench.models import load_bench_model
+
+    model = load_bench_model("tiny-llava")
+    batch = model.batch(model.prompt, 96, 3)
+    lengths = batch["attention_mask"].sum(-1).tolist()
+    assert lengths == [96, 80, 64]
+    for row, length in enumerate(lengths):
+        single = model.prompt(length)
+        assert torch.equal(batch["input_ids"][row, 96 - length :], single["input_ids"][0])
+        assert not batch["attention_mask"][row, : 96 - length].any()  # padding on the left
+    images = sum(model.prompt(length)["pixel_values"].shape[0] for length in lengths)
+    assert batch["pixel_values"].shape[0] == images
+
+
+def test_speed_batch_reports_the_throughput_of_all_rows(tmp_path):
+    out = tmp_path / "speed"
+    bench("speed", "--model", "tiny-llama", "--contexts", "64", "--budgets", "0.5", "--methods", "snapkv",
+          "--variants", "uncompiled", "mmkv", "--batch", "2", "--repeats", "1", "--new-tokens", "3",
+          "--layers", "1", "--out", str(out))  # fmt: skip
+    assert "all rows tok/s" in header_of((out / "table.md").read_text())
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows and all(row["batch"] == 2 and row["batch_tok_s"] == 2 * row["decode_tok_s"] for row in rows)
+    by_kind = {row["kind"]: row for row in rows if not row["reference"]}
+    assert by_kind["mmkv"]["kv_bytes"] < by_kind["uncompiled"]["kv_bytes"]
+
+
 def test_quality_reports_kl_top1_passkey_and_random_baseline(tmp_path):
     out = tmp_path / "quality"
     result = bench("quality", "--model", "tiny-llama", "--context", "128", "--continuation", "8", "--budgets", "0.5",

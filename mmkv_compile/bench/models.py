@@ -130,6 +130,27 @@ class BenchModel:
         """Inputs of exactly ``length`` text tokens (no images, for any model)."""
         return self._tensors(corpus.token_ids(self.codec, length))
 
+    def batch(self, prompt: Callable[[int], dict], length: int, rows: int) -> dict[str, torch.Tensor]:
+        """``rows`` prompts built by ``prompt`` (``self.prompt`` or ``self.text_prompt``) of different lengths,
+        left-padded into one batch as a server batches requests: the longest ``length`` tokens, each next row
+        ``length // (2 * rows)`` shorter. Images, if any, are listed row after row (as LLaVA takes them)."""
+        if rows == 1:
+            return prompt(length)
+        step = length // (2 * rows)
+        singles = [prompt(length - row * step) for row in range(rows)]
+        # a padded position is masked out and labelled padding: any valid token id will do
+        filler = singles[0]["input_ids"][0, 0]
+        input_ids = torch.full((rows, length), int(filler), device=self.device)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, single in enumerate(singles):
+            size = single["input_ids"].shape[-1]
+            input_ids[row, length - size :] = single["input_ids"][0]
+            attention_mask[row, length - size :] = 1
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if "pixel_values" in singles[0]:
+            inputs["pixel_values"] = torch.cat([single["pixel_values"] for single in singles])
+        return inputs
+
     def _tensors(self, ids: list[int]) -> dict[str, torch.Tensor]:
         input_ids = torch.tensor([ids], device=self.device)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}

@@ -39,6 +39,7 @@ class SpeedSettings:
     variants: list[str] = field(default_factory=lambda: list(variants.KINDS))
     repeats: int = 3
     new_tokens: int = 32
+    batch: int = 1  # rows per generate call, of different lengths, left-padded
     out: str | None = "bench-out/speed"
     device: str = "cpu"
     dtype: str = "float32"
@@ -119,7 +120,7 @@ def measure(
     row's context when the prompt is a reference row's other length."""
     before = _compile_stats()
     model = bench.fresh()
-    prompt = inputs["input_ids"].shape[-1]
+    rows, prompt = inputs["input_ids"].shape
     run_inside = variants.setup(variant, model, prompt)
     warmup = timed_generate(model, inputs, settings.new_tokens, run_inside)
     bar.update(1)
@@ -141,6 +142,7 @@ def measure(
         "reference": variant.reference,
         "method": variant.method,
         "budget": variant.budget,
+        "batch": rows,
         **{key: report.median([run[key] for run in runs]) for key in ("prefill_s", "decode_tok_s", "total_s")},
         "kv_bytes": runs[-1]["kv_bytes"],
         "metadata_bytes": runs[-1]["metadata_bytes"],
@@ -155,6 +157,7 @@ def measure(
         "graph_breaks": stats["graph_breaks"],
         "runs": runs,
     }
+    row["batch_tok_s"] = row["decode_tok_s"] * rows  # every row gets one token per step
     row["kv_mib"] = row["kv_bytes"] / MIB
     row["peak_added_mib"] = row["peak_added_bytes"] / MIB
     return row
@@ -183,6 +186,8 @@ COLUMNS: list[report.Column] = [
     ("x prefill", "x_prefill", report.fmt(2, "x")),
     ("decode tok/s", "decode_tok_s", report.fmt(1)),
     ("x decode", "x_decode", report.fmt(2, "x")),
+    ("batch", "batch", report.text),
+    ("all rows tok/s", "batch_tok_s", report.fmt(1)),
     ("of bound", "of_bound", report.fmt(2)),
     ("KV MiB", "kv_mib", report.fmt(2)),
     ("x KV", "x_kv", report.fmt(2, "x")),
@@ -193,7 +198,7 @@ COLUMNS: list[report.Column] = [
 ]
 
 LEGEND = (
-    "Medians of {repeats} timed runs after one warm-up run, {new_tokens} new tokens, batch 1. "
+    "Medians of {repeats} timed runs after one warm-up run, {new_tokens} new tokens, {batch_text}. "
     "x = ratio to (a) uncompiled at the same context (x prefill: time ratio; x decode: tokens/s ratio, above 1 is faster). "
     "KV MiB: keys+values in the cache after generate (mmkv's per-slot labels/positions/scores are in results.json). "
     "peak +MiB: highest {memory} during the timed runs above its level before them. "
@@ -210,7 +215,8 @@ def reference_rows(bench: BenchModel, length: int, settings: SpeedSettings, bar)
     for budget in settings.budgets:
         kept = max(int(BudgetStage(amount=budget).uniform_count(length)), 1)  # as the operator counts it
         variant = variants.Variant("uncompiled", budget=budget, reference="kept length")
-        rows.append(measure(bench, variant, bench.text_prompt(kept), settings, bar, context=length))
+        inputs = bench.batch(bench.text_prompt, kept, settings.batch)
+        rows.append(measure(bench, variant, inputs, settings, bar, context=length))
     return rows
 
 
@@ -218,6 +224,8 @@ def run_speed(settings: SpeedSettings, out=print) -> dict:
     """Run the speed benchmark; print the table (through ``out``), write outputs; return the results."""
     if settings.new_tokens < 2:
         raise ValueError("--new-tokens must be >= 2 (decode speed is measured over the tokens after the first)")
+    if settings.batch < 1:
+        raise ValueError(f"--batch must be an int >= 1 (rows per generate call), got {settings.batch}")
     torch._logging.set_logs(dynamo=logging.ERROR)  # graph-break notices from models' own code are noise here
     torch.manual_seed(settings.seed)
     dtype = getattr(torch, settings.dtype)
@@ -231,7 +239,7 @@ def run_speed(settings: SpeedSettings, out=print) -> dict:
     cells = len(settings.contexts) * (len(plan) + (len(settings.budgets) if references else 0)) + references
     bar = tqdm(total=cells * (settings.repeats + 1), desc="mmkv bench speed", unit="run")
     for length in settings.contexts:
-        inputs = bench.prompt(length)
+        inputs = bench.batch(bench.prompt, length, settings.batch)
         for variant in plan:
             bar.set_postfix_str(f"context {length}: {variant.label} {variant.method or ''} {variant.budget or ''}")
             rows.append(measure(bench, variant, inputs, settings, bar))
@@ -240,12 +248,21 @@ def run_speed(settings: SpeedSettings, out=print) -> dict:
             rows += reference_rows(bench, length, settings, bar)
     if references:
         bound = variants.Variant("uncompiled", reference="weights bound")
-        rows.append(measure(bench, bound, bench.text_prompt(1), settings, bar, context=1))
+        rows.append(measure(bench, bound, bench.batch(bench.text_prompt, 1, settings.batch), settings, bar, context=1))
     bar.close()
     report.finish(facts)
     add_ratios(rows)
     memory = PeakMemory(settings.device).source
-    legend = LEGEND.format(repeats=settings.repeats, new_tokens=settings.new_tokens, memory=memory)
+    batch_text = (
+        "batch 1"
+        if settings.batch == 1
+        else (
+            f"batch {settings.batch} (rows of different lengths, left-padded; decode tok/s per row, "
+            "all rows tok/s = the batch's tokens per second)"
+        )
+    )
+    legend = LEGEND.format(repeats=settings.repeats, new_tokens=settings.new_tokens, memory=memory,
+                           batch_text=batch_text)  # fmt: skip
     table = report.markdown_table(rows, COLUMNS)
     header = [
         f"mmkv bench speed: model {bench.name} ({'real' if bench.real_weights else 'random'} weights), "
