@@ -3,7 +3,7 @@
 Under transformers' tensor parallelism each rank holds a contiguous block of every layer's KV heads (rank ``r``
 of ``w`` holds heads ``[r * h, (r + 1) * h)``). Most stages decide per head and need nothing from other ranks.
 The few that reduce over a layer's heads (TOVA's shared score, AdaKV's top-k over heads, HAE's attention
-averaged over heads, MEDA's and VL-Cache's layer signals, MadaKV's layer demand) call these functions, which
+averaged over heads, MEDA's and VL-Cache's layer signals, MadaKV's head demands) call these functions, which
 span every rank of the layer's head group: they gather the other ranks' heads (so the reduction runs as in one
 process, in head order) or sum across ranks. ``group`` is the process group's name (``LayerPlacement.heads``);
 "" means this process holds every head, and every function is then the identity (no communication).
@@ -56,12 +56,3 @@ def sum_over_ranks(tensor: torch.Tensor, group: str) -> torch.Tensor:
     from torch.distributed import _functional_collectives as funcol
 
     return funcol.wait_tensor(funcol.all_reduce(tensor, "sum", group))
-
-
-def max_over_ranks(tensor: torch.Tensor, group: str) -> torch.Tensor:
-    """``tensor``'s elementwise maximum over the ranks."""
-    if not group:
-        return tensor
-    from torch.distributed import _functional_collectives as funcol
-
-    return funcol.wait_tensor(funcol.all_reduce(tensor, "max", group))

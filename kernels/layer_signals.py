@@ -77,8 +77,8 @@ def layer_signal(
         sums = triton_signals.layer_signal_sums(query, keys, labels, positions, scaling, signal, window)
     else:
         sums = _layer_signal_sums(query, keys, labels, positions, scaling, signal, window)
-    value = row_means(heads.sum_over_ranks(sums, group)).sum(-1)
-    return torch.stack([value.float().double(), live], dim=-1)
+    value = row_means(heads.sum_over_ranks(sums, group)).sum(-1).float()  # the signal is float32
+    return torch.stack([value.double(), live], dim=-1)
 
 
 def _layer_signal_sums(query, keys, labels, positions, scaling: float, signal: str, window: int) -> torch.Tensor:

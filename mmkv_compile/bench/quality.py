@@ -292,6 +292,20 @@ def plan_runs(settings: QualitySettings, kvpress: bool) -> list[Run]:
     return runs
 
 
+def score_runs(runs: list[Run], handlers: dict, state, bar) -> list[dict]:
+    """One row per run, in order: its source, method and budget, then what the handler for its source measured
+    on ``state``; ``bar`` shows progress and is closed at the end."""
+    rows = []
+    for run in runs:
+        bar.set_postfix_str(run.name)
+        rows.append(
+            {"source": run.source, "method": run.method, "budget": run.budget, **handlers[run.source](state, run)}
+        )
+        bar.update(1)
+    bar.close()
+    return rows
+
+
 def run_quality(settings: QualitySettings, out=print) -> dict:
     """Run the quality benchmark; print the table (through ``out``), write outputs; return the results."""
     torch._logging.set_logs(dynamo=logging.ERROR)
@@ -307,15 +321,10 @@ def run_quality(settings: QualitySettings, out=print) -> dict:
     bar.set_postfix_str("reference logits")
     state = _Bench(settings, bench)
     bar.update(1)
-    rows = []
-    for run in runs:
-        bar.set_postfix_str(run.name)
-        do = {"full cache": _run_full, "mmkv": _run_mmkv, "random": _run_random, "kvpress": _run_kvpress}[run.source]
-        result = do(state, run)
-        result["passkey"] = f"{result['passkey_found']}/{result['passkey_trials']}"
-        rows.append({"source": run.source, "method": run.method, "budget": run.budget, **result})
-        bar.update(1)
-    bar.close()
+    handlers = {"full cache": _run_full, "mmkv": _run_mmkv, "random": _run_random, "kvpress": _run_kvpress}
+    rows = score_runs(runs, handlers, state, bar)
+    for row in rows:
+        row["passkey"] = f"{row['passkey_found']}/{row['passkey_trials']}"
     report.finish(facts)
     table = report.markdown_table(rows, COLUMNS)
     kinds = (
@@ -499,13 +508,7 @@ def run_cards_quality(settings: QualitySettings, bench: BenchModel, out=print) -
     bar.set_postfix_str("full-cache reference")
     state = _Cards(settings, bench)
     bar.update(1)
-    rows = []
-    for run in runs:
-        bar.set_postfix_str(run.name)
-        do = {"full cache": _cards_full, "mmkv": _cards_mmkv, "random": _cards_random}[run.source]
-        rows.append({"source": run.source, "method": run.method, "budget": run.budget, **do(state, run)})
-        bar.update(1)
-    bar.close()
+    rows = score_runs(runs, {"full cache": _cards_full, "mmkv": _cards_mmkv, "random": _cards_random}, state, bar)
     report.finish(facts)
     sample = state.samples[0]
     operator = "apply_eagerly (the eager operator)" if settings.operator == "eager" else (
