@@ -40,13 +40,17 @@ DROPPED, DEMOTED, REGULAR, PRIORITY, FORCED = 0, 1, 2, 3, 4
 def visible_keys(labels: torch.Tensor, positions: torch.Tensor, query_slots: torch.Tensor, window: int = 0):
     """Bool ``[B, Hkv, Lq, S]``: key slot valid, not after the query (and, under a sliding ``window``, less
     than ``window`` positions before it), and the query slot itself valid."""
-    query_pos = positions[..., query_slots].unsqueeze(-1)  # [B, Hkv, Lq, 1]
-    query_valid = labels[..., query_slots] != INVALID
+    return visible_to(labels, positions, labels[..., query_slots], positions[..., query_slots], window)
+
+
+def visible_to(labels, positions, query_labels, query_positions, window: int = 0) -> torch.Tensor:
+    """:func:`visible_keys` for queries given by their labels and positions ``[B, Hkv, Lq]``."""
+    query_pos = query_positions.unsqueeze(-1)  # [B, Hkv, Lq, 1]
     key_pos = positions.unsqueeze(-2)
     seen = key_pos <= query_pos
     if window:
         seen = seen & (key_pos > query_pos - window)
-    return seen & (labels != INVALID).unsqueeze(-2) & query_valid.unsqueeze(-1)
+    return seen & (labels != INVALID).unsqueeze(-2) & (query_labels != INVALID).unsqueeze(-1)
 
 
 def live_slots(labels: torch.Tensor, positions: torch.Tensor, window: int = 0) -> torch.Tensor:

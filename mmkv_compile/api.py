@@ -10,10 +10,11 @@ import torch
 from transformers import DynamicCache
 
 from mmkv_compile.backend import MMKVBackend
-from mmkv_compile.cache import MMKVCache, MMKVLayer
+from mmkv_compile.cache import CAPACITY_CHUNK, MMKVCache, MMKVLayer
 from mmkv_compile.compat import cache_argument, call_cache, head_group, pop_cache
 from mmkv_compile.config import CompressionConfig
 from mmkv_compile.masks import slot_attention_mask
+from mmkv_compile.passes.find_sites import CacheKind
 from mmkv_compile.reports import DECODE, PREFILL, ExplainReport, GraphReport
 from mmkv_compile.schedules import EagerEmitter, LayerStep, schedule_for
 
@@ -106,7 +107,10 @@ def _entry(forward):
 
 class CompiledForward:
     """A model's forward, compiled with the mmkv backend: gives every call an :class:`MMKVCache` and its labels,
-    and checks that each phase (prefill, decode) really went through the backend."""
+    and checks that each phase (prefill, decode) really went through the backend.
+
+    When the method evicts nothing while decoding, decode calls append in place: the cache reserves capacity
+    buffers before each one (``MMKVCache.reserve``) and its state fields are synced after it."""
 
     def __init__(self, model: torch.nn.Module, backend: MMKVBackend, mode: str | None, dynamic: bool | None):
         self.model, self.backend = model, backend
@@ -116,6 +120,9 @@ class CompiledForward:
             recompile_limit=RECOMPILE_LIMIT, isolate_recompiles=True,
         )  # fmt: skip
         self.checked: set[str] = set()
+        policy = backend.config.policy
+        self.appends_in_place = not (policy.evict_while_decoding or policy.keeps_everything)
+        self.new_tokens: int | None = None  # what the running generate() will append (CompiledGenerate sets it)
         functools.update_wrapper(self, self.original)  # generate reads the forward's signature
 
     @property
@@ -127,10 +134,40 @@ class CompiledForward:
         kwargs = prepare_call(self.model, args, kwargs)
         cache = call_cache(kwargs)
         phase = DECODE if isinstance(cache, MMKVCache) and cache.get_seq_length() > 0 else PREFILL
+        in_place = phase == DECODE and cache.incoming_labels is not None and self._decodes_in_place()
+        if in_place:
+            cache.reserve(cache.incoming_labels.shape[-1], room=self.new_tokens or CAPACITY_CHUNK)
+        compiled_before = len(self.reports)
         out = self.compiled(*args, **kwargs)
+        if in_place:
+            cache.sync_views()
+            self._check_in_place(self.reports[compiled_before:])
         if isinstance(cache, MMKVCache) and phase not in self.checked:
             self._check(phase, cache)
         return out
+
+    def _decodes_in_place(self) -> bool:
+        """Whether decode steps may write into capacity buffers: the method evicts nothing while decoding, and
+        every prompt graph was rewritten whole (each layer compressed, no warning), so the decode graphs' masks
+        will be rebuilt too. Otherwise decoding appends by copying, as it always could."""
+        prompts = [r for r in self.reports if r.phase == PREFILL]
+        return (
+            self.appends_in_place
+            and bool(prompts)
+            and all(r.compresses() and not r.fallback and not r.warnings for r in prompts)
+        )
+
+    def _check_in_place(self, new_reports: list[GraphReport]) -> None:
+        """A decode graph compiled for capacity buffers must hide their unused slots from every MMKVCache site."""
+        for report in new_reports:
+            blind = [s.layer for s in report.sites if s.cache == CacheKind.MMKV.value and not s.mask_rebuilt]
+            if report.fallback or blind or report.warnings:
+                why = report.fallback or (f"the attention masks of layers {blind} were not rebuilt" if blind else
+                                          report.warnings[0])  # fmt: skip
+                raise RuntimeError(
+                    f"mmkv ({self.backend.config.method.name}): a decode graph over capacity buffers was compiled "
+                    f"without the mmkv rewrite ({why}); running it would attend the buffers' unused slots"
+                )
 
     def _check(self, phase: str, cache: MMKVCache) -> None:
         self.checked.add(phase)
@@ -144,6 +181,24 @@ class CompiledForward:
         if cache.is_compressed():
             raise RuntimeError(why + "; the cache is already compressed, so running on would attend wrong slots")
         self.backend.warner.warn(why + "; this step is not compressed", stacklevel=4)
+
+
+class CompiledGenerate:
+    """A compiled model's ``generate``: tells its :class:`CompiledForward` how many tokens the call may append,
+    so the capacity buffers are sized once for the whole generation."""
+
+    def __init__(self, model: torch.nn.Module, forward: CompiledForward):
+        self.model, self.forward = model, forward
+        self.original = type(model).generate.__get__(model)
+        functools.update_wrapper(self, self.original)
+
+    def __call__(self, *args, **kwargs):
+        config = kwargs.get("generation_config") or self.model.generation_config
+        self.forward.new_tokens = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            self.forward.new_tokens = None
 
 
 def compile(
@@ -166,6 +221,8 @@ def compile(
     head_group(model)  # a tensor-parallel model whose KV heads do not split evenly fails here, not mid-trace
     install_output_hooks(model)
     model.forward = CompiledForward(model, MMKVBackend(config), mode, dynamic)
+    if hasattr(type(model), "generate"):
+        model.generate = CompiledGenerate(model, model.forward)
     return model
 
 
@@ -178,8 +235,9 @@ def compiled_reports(model: torch.nn.Module) -> list[GraphReport]:
 
 
 def uncompile(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo :func:`compile` / :func:`apply_eagerly`: the model's own forward runs again."""
+    """Undo :func:`compile` / :func:`apply_eagerly`: the model's own forward (and generate) run again."""
     model.__dict__.pop("forward", None)
+    model.__dict__.pop("generate", None)
     return model
 
 
@@ -281,7 +339,7 @@ def explain(
     """What ``generate`` does with ``model`` compiled by :func:`compile`: compile it the same way (without
     Inductor unless asked: the rewrite is the same), run ``generate`` on ``inputs`` for ``decode_steps`` new
     tokens after the first, and report every captured graph and every warning. ``model`` is left as it was."""
-    saved = model.__dict__.get("forward")
+    saved = {name: model.__dict__[name] for name in ("forward", "generate") if name in model.__dict__}
     warner_given: list[str] = []
     try:
         compile(model, method, budget, inductor=inductor, **dict(options or {}))
@@ -292,6 +350,5 @@ def explain(
         reports, warner_given = forward.reports, forward.backend.warner.given
     finally:
         uncompile(model)
-        if saved is not None:
-            model.forward = saved
+        model.__dict__.update(saved)
     return ExplainReport(method, budget, reports, list(warner_given))

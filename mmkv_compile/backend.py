@@ -31,8 +31,10 @@ from mmkv_compile.passes.find_sites import (
     cache_appends,
     describe_consumers,
     is_prefill,
+    writes_in_place,
 )
 from mmkv_compile.passes.insert_op import InsertScoreEvictMerge
+from mmkv_compile.passes.lower_cache_writes import LowerCacheWrites
 from mmkv_compile.passes.manager import PassManager, RewriteContext
 from mmkv_compile.passes.rewrite_masks import RewriteAttentionMasks
 from mmkv_compile.policy import Policy
@@ -44,7 +46,13 @@ log = logging.getLogger("mmkv_compile")
 def default_passes() -> PassManager:
     """The pass pipeline, in order."""
     return PassManager(
-        [FindAttentionSites(), InsertScoreEvictMerge(), RewriteAttentionMasks(), CausalPrefillAttention()]
+        [
+            FindAttentionSites(),
+            InsertScoreEvictMerge(),
+            RewriteAttentionMasks(),
+            CausalPrefillAttention(),
+            LowerCacheWrites(),
+        ]
     )
 
 
@@ -103,6 +111,8 @@ def _uncompressed_warnings(ctx: RewriteContext, gm: fx.GraphModule) -> list[str]
     unread = [n for n in cache_appends(gm.graph) if n not in read]
     if unread:
         keys = next((u for u in unread[0].users if len(u.args) > 1 and u.args[1] == 0), None)
+        if writes_in_place(unread[0]):
+            keys = unread[0].args[0]
         consumers = describe_consumers(keys) if keys is not None else "nothing"
         messages.append(
             f"mmkv ({method}) left {len(unread)} of {len(unread) + len(read)} MMKVCache layers in this graph "

@@ -9,6 +9,11 @@ Appends go through ``torch.ops.mmkv.cache_append``, so each layer's full state a
 captured graph, with the layer's rank among the compressed layers, their count and its attention window as
 constant arguments; the backend rewires that node's consumers. Uncompiled, the cache behaves like a
 ``DynamicCache`` that also records labels and positions.
+
+Once a compiled model's prompt is compressed and its method evicts nothing while decoding, the compiled route
+calls :meth:`MMKVCache.reserve` before each decode call: each full-attention layer then keeps its slots in
+capacity buffers with unused slots after them, and ``torch.ops.mmkv.cache_write`` writes each new token in place
+(no copy of the cache per token, and decode graphs whose shapes stay the same from step to step).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from mmkv_compile import ops
 from mmkv_compile.labels import LABEL_DTYPE, Modality, labels_from_inputs, modality_token_ids
 from mmkv_compile.policy import LayerPlacement
 from mmkv_compile.state import POSITION_DTYPE, STATE_FIELDS, SlotState
+
+# Unused slots a layer's capacity buffers gain each time they are (re)allocated: a growth copies the layer once,
+# and its first one makes the decode graph's cache length dynamic (one recompile); 256 covers most generations.
+CAPACITY_CHUNK = 256
 
 # Layer types transformers names in configs: mmkv compresses full-attention and sliding-window layers; any
 # other type (chunked, linear, dummy) keeps transformers' own cache layer and is left alone.
@@ -50,6 +59,9 @@ class MMKVLayer(CacheLayerMixin):
         self.is_sliding = bool(window)
         self.labels = self.positions = self.scores = self.weights = self.parked = None
         self.logical_length = 0
+        # Capacity buffers and the slots they hold (see MMKVCache.reserve); the fields above are views of them.
+        self.buffers: SlotState | None = None
+        self.filled = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, _ = key_states.shape
@@ -70,9 +82,41 @@ class MMKVLayer(CacheLayerMixin):
         new_positions = torch.arange(num_new, device=key_states.device, dtype=POSITION_DTYPE) + self.logical_length
         new_positions = new_positions.expand(batch, heads, num_new)
         new = (key_states, value_states, new_labels.contiguous(), new_positions.contiguous())
-        self.set_state(ops.cache_append(self.state(), new, self.placement_text))
         self.logical_length = self.logical_length + num_new
+        if self.buffers is not None:
+            # In place, and attention reads the whole buffers: the rewritten mask hides the unused slots.
+            if not torch.compiler.is_compiling():
+                raise RuntimeError(
+                    "an MMKVCache with capacity buffers was updated outside a compiled graph (Dynamo ran the call "
+                    "eagerly: TORCH_LOGS=recompiles says why); only the mmkv backend's rewritten masks hide the "
+                    "buffers' unused slots, so the step would attend them"
+                )
+            if self.filled + num_new > self.buffers.keys.shape[2]:
+                raise RuntimeError(f"{num_new} new slots overflow layer {self.rank}'s capacity buffers: call reserve")
+            ops.cache_write(self.buffers, new, self.filled, self.placement_text)
+            self.filled = self.filled + num_new
+            return self.buffers.keys, self.buffers.values
+        self.set_state(ops.cache_append(self.state(), new, self.placement_text))
         return self.keys, self.values
+
+    def reserve(self, num_new: int, room: int = CAPACITY_CHUNK) -> None:
+        """Make room for ``num_new`` slots in capacity buffers; when short, (re)allocate them with ``room`` unused
+        slots (at least ``num_new``) after the held ones, copying those once."""
+        if self.buffers is not None and self.filled + num_new <= self.buffers.keys.shape[2]:
+            return
+        state = self.state()
+        self.set_state(state)  # drops the old buffers
+        self.buffers = state.with_room(max(num_new, room))
+        for buffer in self.buffers:  # another generate's capacity differs: one decode graph serves every capacity
+            torch._dynamo.maybe_mark_dynamic(buffer, 2)
+        self.filled = state.keys.shape[2]
+        self.sync_views()
+
+    def sync_views(self) -> None:
+        """Point the state fields at the filled part of the capacity buffers (after a call wrote into them)."""
+        if self.buffers is not None:
+            for name, tensor in zip(STATE_FIELDS, self.buffers.narrow(self.filled), strict=True):
+                setattr(self, name, tensor)
 
     @property
     def rank(self) -> int:
@@ -91,8 +135,10 @@ class MMKVLayer(CacheLayerMixin):
         return SlotState(*(getattr(self, name) for name in STATE_FIELDS))
 
     def set_state(self, state) -> None:
+        """Hold ``state`` as it is (no capacity buffers)."""
         for name, tensor in zip(STATE_FIELDS, state, strict=True):
             setattr(self, name, tensor)
+        self.buffers, self.filled = None, 0
 
     def get_seq_length(self) -> int:
         """Logical length: the tokens seen so far. Positions of new tokens continue from here."""
@@ -100,6 +146,8 @@ class MMKVLayer(CacheLayerMixin):
 
     def get_physical_length(self) -> int:
         """Slots actually stored."""
+        if self.buffers is not None:
+            return self.filled
         return 0 if self.keys is None else self.keys.shape[-2]
 
     def is_compressed(self) -> bool:
@@ -113,6 +161,8 @@ class MMKVLayer(CacheLayerMixin):
         evicted (then :meth:`MMKVCache.get_mask_sizes` takes over and the backend rebuilds every mask from the
         slots). A one-token step of a sliding layer attends to its ``window`` newest slots."""
         num_new = _query_length(query_length)
+        if self.buffers is not None:  # attention reads the whole buffers; the backend rebuilds the mask
+            return 1, self.logical_length + num_new - 1
         length = self.get_physical_length() + num_new
         if self.window and num_new == 1:
             length = min(length, self.window)
@@ -147,11 +197,15 @@ class MMKVLayer(CacheLayerMixin):
         raise NotImplementedError("a compressed cache cannot be cropped back: evicted tokens are gone")
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held: keys+values, and the per-slot metadata (labels, positions, scores, weights, parked)."""
+        """Bytes held: keys+values and the per-slot metadata (labels, positions, scores, weights, parked) of the
+        stored slots, and the capacity buffers' unused slots (``reserved``)."""
         if not self.is_initialized:
-            return {"kv": 0, "metadata": 0}
+            return {"kv": 0, "metadata": 0, "reserved": 0}
         state = self.state()
-        return {"kv": state.keys.nbytes + state.values.nbytes, "metadata": sum(t.nbytes for t in state[2:])}
+        held = sum(t.nbytes for t in state)
+        allocated = sum(t.nbytes for t in self.buffers) if self.buffers is not None else held
+        return {"kv": state.keys.nbytes + state.values.nbytes, "metadata": held - state.keys.nbytes -
+                state.values.nbytes, "reserved": allocated - held}  # fmt: skip
 
 
 class MMKVCache(Cache):
@@ -216,6 +270,20 @@ class MMKVCache(Cache):
         """Whether any layer has evicted a slot its attention could still see."""
         return any(layer.is_compressed() for layer in self.mmkv_layers)
 
+    def reserve(self, num_new: int, room: int = CAPACITY_CHUNK) -> None:
+        """Before a call that appends ``num_new`` tokens and evicts nothing: give every full-attention layer
+        capacity buffers with room for them (``room`` unused slots when they must be allocated), so the call
+        writes in place (see the module docstring). Only for graphs the mmkv backend rewrites: their masks hide
+        the buffers' unused slots."""
+        for layer in self.mmkv_layers:
+            if layer.is_initialized and not layer.is_sliding:
+                layer.reserve(num_new, room)
+
+    def sync_views(self) -> None:
+        """After such a call: each layer's state fields show the slots it now holds."""
+        for layer in self.mmkv_layers:
+            layer.sync_views()
+
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         """Sizes of the mask transformers builds for the compressed layers.
 
@@ -237,8 +305,8 @@ class MMKVCache(Cache):
         return layer.get_physical_length() if isinstance(layer, MMKVLayer) else layer.keys.shape[-2]
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held by all layers: ``{"kv": ..., "metadata": ...}``."""
-        total = {"kv": 0, "metadata": 0}
+        """Bytes held by all layers: ``{"kv": ..., "metadata": ..., "reserved": ...}`` (see MMKVLayer.nbytes)."""
+        total = {"kv": 0, "metadata": 0, "reserved": 0}
         for layer in self.layers:
             if isinstance(layer, MMKVLayer):
                 for key, value in layer.nbytes().items():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from mmkv_compile.kernels.reference import visible_keys
+from mmkv_compile.kernels.reference import visible_to
 
 
 def slot_attention_mask(
@@ -19,8 +19,13 @@ def slot_attention_mask(
     parked: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
+    query_labels: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mask ``[B, Hq, Lq, S]`` for ``query [B, Hq, Lq, D]`` over slots with ``labels/positions [B, Hkv, S]``.
+
+    The query tokens' own slots are the last ``Lq`` unless ``query_labels/query_positions [B, Hkv, Lq]`` say
+    which tokens they are (capacity buffers hold unused slots after them).
 
     A slot is visible when it is valid, not after the query and, under a sliding ``window``, less than
     ``window`` positions before it; a ``parked`` slot (recycle bin) is not attended. Each query also sees its own
@@ -31,11 +36,13 @@ def slot_attention_mask(
     num_heads, num_new = query.shape[1], query.shape[2]
     seq = labels.shape[-1]
     groups = num_heads // labels.shape[1]
-    query_slots = torch.arange(seq - num_new, seq, device=labels.device)
-    visible = visible_keys(labels, positions, query_slots, window)
+    if query_positions is None:
+        query_labels, query_positions = labels[..., seq - num_new :], positions[..., seq - num_new :]
+    visible = visible_to(labels, positions, query_labels, query_positions, window)
     if parked is not None:
         visible = visible & ~parked.unsqueeze(-2)
-    own_slot = torch.arange(seq, device=labels.device).unsqueeze(0) == query_slots.unsqueeze(1)
+    # positions are unique among a row's slots, and unused or memory slots (-1) are never a query's own
+    own_slot = positions.unsqueeze(-2) == query_positions.unsqueeze(-1)
     visible = (visible | own_slot).repeat_interleave(groups, dim=1)
     if dtype is None and weights is None:
         return visible

@@ -1,6 +1,8 @@
 """The ``torch.ops.mmkv`` operators.
 
 ``mmkv::cache_append``        appends a step's slots to a layer's cached state; the passes anchor on it.
+``mmkv::cache_write``         writes a decode step's slots into a layer's capacity buffers in place (the
+                              other anchor: a compressed cache decodes without copying itself every step).
 ``mmkv::score_evict_merge``   scores the cached slots, evicts the least useful and returns the kept state.
 ``mmkv::layer_signal`` / ``mmkv::allocate_layer_budgets``      MEDA's and VL-Cache's per-layer budgets.
 ``mmkv::head_demand`` / ``mmkv::compensate_layer_budgets``     MadaKV's per-layer budgets.
@@ -31,8 +33,11 @@ _NEW_SLOTS = "Tensor new_keys, Tensor new_values, Tensor new_labels, Tensor new_
 # parallelism, the process group its KV heads are split over from there.
 _LAYER_ARGS = "str placement"
 
+_BUFFER_ARGS = ", ".join(f"Tensor(a{i}!) {name}" for i, name in enumerate(STATE_FIELDS))
+
 SCHEMAS = {
     "cache_append": f"({_STATE_ARGS}, {_NEW_SLOTS}, {_LAYER_ARGS}) -> {_STATE_OUT}",
+    "cache_write": f"({_BUFFER_ARGS}, {_NEW_SLOTS}, SymInt start, {_LAYER_ARGS}) -> ()",
     "score_evict_merge": (
         f"(Tensor query, {_STATE_ARGS}, float scaling, str policy, bool prefill, "
         f"Tensor? layer_budgets=None, Tensor? keep_positions=None) -> {_STATE_OUT}"
@@ -88,6 +93,25 @@ def _cache_append(*args) -> tuple[torch.Tensor, ...]:
     )
     length = _appended_length(state.keys.shape[2], new_keys.shape[2], window)
     return tuple(torch.cat([old, add], dim=2)[:, :, -length:] for old, add in zip(state, new, strict=True))
+
+
+def _cache_write(*args) -> None:
+    """Write a step's slots into capacity buffers at slot ``start`` (score 0, weight 1, not parked)."""
+    buffers = SlotState(*args[:NUM_FIELDS])
+    new_keys, new_values, new_labels, new_positions, start, placement = args[NUM_FIELDS:]
+    num_new, capacity = new_keys.shape[2], buffers.keys.shape[2]
+    if start + num_new > capacity:
+        raise RuntimeError(
+            f"mmkv.cache_write: {num_new} new slots at slot {start} overflow a capacity of {capacity} "
+            f"({placement}); MMKVCache.reserve makes room before each call"
+        )
+    news = (new_keys, new_values, new_labels, new_positions, 0, 1, False)
+    for buffer, new in zip(buffers, news, strict=True):
+        target = buffer.narrow(2, start, num_new)
+        if isinstance(new, torch.Tensor):
+            target.copy_(new)
+        else:
+            target.fill_(new)
 
 
 def _cache_append_fake(*args):
@@ -188,6 +212,10 @@ def _attention_fake(query, key, value, *rest):
     return query.new_empty((batch, length, heads, value.shape[-1])).transpose(1, 2)
 
 
+torch.library.custom_op(
+    "mmkv::cache_write", _cache_write, mutates_args=STATE_FIELDS, schema=SCHEMAS["cache_write"]
+).register_fake(lambda *args: None)
+
 for _name, _kernel, _fake in (
     ("cache_append", _cache_append, _cache_append_fake),
     ("score_evict_merge", _score_evict_merge, _score_evict_merge_fake),
@@ -201,6 +229,7 @@ for _name, _kernel, _fake in (
     torch.library.custom_op(f"mmkv::{_name}", _kernel, mutates_args=(), schema=SCHEMAS[_name]).register_fake(_fake)
 
 CACHE_APPEND = torch.ops.mmkv.cache_append.default
+CACHE_WRITE = torch.ops.mmkv.cache_write.default
 SCORE_EVICT_MERGE = torch.ops.mmkv.score_evict_merge.default
 LAYER_SIGNAL = torch.ops.mmkv.layer_signal.default
 ALLOCATE_LAYER_BUDGETS = torch.ops.mmkv.allocate_layer_budgets.default
@@ -216,9 +245,14 @@ def cache_append(state: SlotState, new: tuple, placement: str) -> SlotState:
     return SlotState(*torch.ops.mmkv.cache_append(*state, *new, placement))
 
 
+def cache_write(buffers: SlotState, new: tuple, start: int, placement: str) -> None:
+    """``mmkv::cache_write``: the step's (keys, values, labels, positions) into ``buffers`` at slot ``start``."""
+    torch.ops.mmkv.cache_write(*buffers, *new, start, placement)
+
+
 def score_evict_merge(query, state: SlotState, scaling: float, policy: str, prefill: bool, **budgets) -> SlotState:
     """``mmkv::score_evict_merge`` on a state (``budgets``: ``layer_budgets`` or ``keep_positions``)."""
     return SlotState(*torch.ops.mmkv.score_evict_merge(query, *state, scaling, policy, prefill, **budgets))
 
 
-__all__ = ["KERNEL_CHOICES", "cache_append", "kernel_choice", "score_evict_merge"]
+__all__ = ["KERNEL_CHOICES", "cache_append", "cache_write", "kernel_choice", "score_evict_merge"]

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from mmkv_compile.labels import LABEL_DTYPE
+from mmkv_compile.labels import LABEL_DTYPE, Modality
 
 POSITION_DTYPE = torch.int64
 SCORE_DTYPE = torch.float32
@@ -39,6 +39,23 @@ class SlotState(NamedTuple):
             weights=torch.empty((batch, heads, 0), dtype=SCORE_DTYPE, device=device),
             parked=torch.empty((batch, heads, 0), dtype=torch.bool, device=device),
         )
+
+    def with_room(self, room: int) -> SlotState:
+        """Buffers holding this state's slots followed by ``room`` unused ones (label INVALID, position -1, score
+        0, weight 1, not parked): what ``mmkv::cache_write`` appends into in place."""
+        unused = {"labels": int(Modality.INVALID), "positions": -1, "scores": 0, "weights": 1, "parked": False}
+        grown = []
+        for name, tensor in zip(STATE_FIELDS, self, strict=True):
+            buffer = tensor.new_full(
+                (*tensor.shape[:2], tensor.shape[2] + room, *tensor.shape[3:]), unused.get(name, 0)
+            )
+            buffer[:, :, : tensor.shape[2]] = tensor
+            grown.append(buffer)
+        return SlotState(*grown)
+
+    def narrow(self, length: int) -> SlotState:
+        """Views of the first ``length`` slots."""
+        return self.map(lambda t: t.narrow(2, 0, length))
 
     def map(self, fn) -> SlotState:
         """The state with ``fn`` applied to every field."""

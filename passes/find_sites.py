@@ -2,7 +2,7 @@
 
 Anchors: SDPA nodes, and softmax nodes between two matmuls (eager attention). From an anchor the pass
 walks view-like ops (repeat_kv's expand/reshape, transposes, casts) back to where K and V come from:
-``mmkv.cache_append`` (an MMKVCache layer), ``torch.cat`` (a plain DynamicCache), an in-place
+``mmkv.cache_append`` or, for capacity buffers written in place, ``mmkv.cache_write`` (an MMKVCache layer), ``torch.cat`` (a plain DynamicCache), an in-place
 ``index_copy_`` or a cache placeholder (StaticCache), or nothing (a vision encoder). This is tolerant of
 GQA style, scale as mul or div, casts and masks, where exact patterns are not.
 """
@@ -36,6 +36,8 @@ from mmkv_compile.passes.manager import GraphPass, RewriteContext
 from mmkv_compile.policy import LayerPlacement
 
 CACHE_APPEND = (torch.ops.mmkv.cache_append, ops.CACHE_APPEND)
+CACHE_WRITE = (torch.ops.mmkv.cache_write, ops.CACHE_WRITE)
+NEW_LABELS, NEW_POSITIONS = ops.NUM_FIELDS + 2, ops.NUM_FIELDS + 3  # where both ops take the step's slots
 
 
 class CacheKind(enum.Enum):
@@ -87,7 +89,7 @@ class AttentionSite:
     key: fx.Node
     value: fx.Node
     cache: CacheKind
-    state: fx.Node | None = None  # the mmkv.cache_append node
+    state: fx.Node | None = None  # the mmkv.cache_append (or mmkv.cache_write) node
     scaling: float | None = None
     gqa_groups: int = 1
     mask_add: tuple[fx.Node, int] | None = None  # eager: the add that applies the mask, and the mask's arg index
@@ -120,20 +122,35 @@ def cache_layer_info(append: fx.Node) -> LayerPlacement:
 
 def is_prefill(append: fx.Node) -> bool:
     """True when the cache held nothing before this append (its past length is statically 0)."""
+    if writes_in_place(append):
+        return False
     past = example_value(append.args[0])
     return past is not None and isinstance(past.shape[2], int) and past.shape[2] == 0
 
 
+def writes_in_place(append: fx.Node) -> bool:
+    """Whether a cache update is an ``mmkv.cache_write`` into capacity buffers (its state is its first args)."""
+    return append.target in CACHE_WRITE
+
+
 def cache_appends(graph: fx.Graph) -> list[fx.Node]:
-    """Every ``mmkv.cache_append`` node of a graph, in order."""
-    return [n for n in graph.nodes if n.op == "call_function" and n.target in CACHE_APPEND]
+    """Every ``mmkv.cache_append`` and ``mmkv.cache_write`` node of a graph, in order."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target in CACHE_APPEND + CACHE_WRITE]
+
+
+def step_slots(append: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """The (labels, positions) nodes of the tokens a cache update appends: the step's queries."""
+    return append.args[NEW_LABELS], append.args[NEW_POSITIONS]
 
 
 def classify_source(node: object) -> tuple[CacheKind, fx.Node | None, int | None]:
-    """(cache kind, cache_append node, output index) of the tensor ``node`` views."""
+    """(cache kind, cache update node, state field index) of the tensor ``node`` views."""
     src = strip_views(node)
     if not isinstance(src, fx.Node):
         return CacheKind.NONE, None, None
+    for user in src.users:  # a capacity buffer: cache_write wrote the step into it before attention reads it
+        if user.op == "call_function" and user.target in CACHE_WRITE and src in user.args[: ops.NUM_FIELDS]:
+            return CacheKind.MMKV, user, user.args.index(src)
     if src.op == "call_function" and src.target is operator.getitem and isinstance(src.args[1], int):
         parent = src.args[0]
         if isinstance(parent, fx.Node) and parent.op == "call_function" and parent.target in CACHE_APPEND:

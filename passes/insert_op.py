@@ -11,7 +11,7 @@ import operator
 
 import torch.fx as fx
 
-from mmkv_compile.passes.find_sites import AttentionSite, Decision, cache_layer_info, is_prefill
+from mmkv_compile.passes.find_sites import AttentionSite, Decision, cache_layer_info, is_prefill, writes_in_place
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
 from mmkv_compile.schedules import GraphEmitter, LayerStep, schedule_for
 from mmkv_compile.state import STATE_FIELDS, SlotState
@@ -27,7 +27,10 @@ def state_outputs(state: fx.Node) -> dict[int, fx.Node]:
 
 
 def state_fields(gm: fx.GraphModule, state: fx.Node) -> SlotState:
-    """One ``getitem`` node per field of an ``mmkv.cache_append`` node's state (made where missing)."""
+    """One node per field of a cache update's state: the ``getitem`` outputs of ``mmkv.cache_append`` (made where
+    missing), or the capacity buffers ``mmkv.cache_write`` wrote into."""
+    if writes_in_place(state):
+        return SlotState(*state.args[: len(STATE_FIELDS)])
     getters = state_outputs(state)
     for index in range(len(STATE_FIELDS)):
         if index not in getters:
@@ -60,6 +63,8 @@ class InsertScoreEvictMerge(GraphPass):
             return self._decide(
                 sites, Decision.APPEND, f"{policy.method} compresses the prompt only; this step appends"
             )
+        if any(writes_in_place(site.state) for site in sites):  # MMKVCache.reserve's callers prevent this
+            return self._decide(sites, Decision.SKIP, "capacity buffers reached a step that evicts; left alone")
         schedule = schedule_for(policy, prefill)
         steps: dict[fx.Node, LayerStep] = {}
         for site in sites:  # several attention calls may read one cache update: the first one decides

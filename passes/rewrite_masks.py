@@ -12,7 +12,7 @@ import operator
 import torch.fx as fx
 
 from mmkv_compile.masks import slot_attention_mask
-from mmkv_compile.passes.find_sites import Decision, cache_layer_info, is_prefill
+from mmkv_compile.passes.find_sites import Decision, cache_layer_info, is_prefill, step_slots
 from mmkv_compile.passes.graph_utils import example_value, prune_orphans
 from mmkv_compile.passes.insert_op import state_fields
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
@@ -30,7 +30,9 @@ class RewriteAttentionMasks(GraphPass):
             if site.decision not in (Decision.COMPRESS, Decision.APPEND) or is_prefill(site.state):
                 continue
             state = state_fields(gm, site.state)
-            options = {"window": cache_layer_info(site.state).window}
+            query_labels, query_positions = step_slots(site.state)
+            options = {"window": cache_layer_info(site.state).window, "query_labels": query_labels,
+                       "query_positions": query_positions}  # fmt: skip
             if merge.recycle_bin:
                 options["parked"] = state.parked
             if merge.weighted_attention:  # slots standing for several tokens weigh as those tokens

@@ -104,6 +104,8 @@ def test_attention_the_passes_do_not_understand_compiles_unchanged_with_one_warn
     assert same_outputs(ref, out) == (True, True)
     cache = out[2]
     assert not any(layer.is_compressed() for layer in cache.mmkv_layers)
+    # decoding never moved into capacity buffers, whose unused slots only a rewritten mask hides
+    assert all(layer.buffers is None for layer in cache.mmkv_layers)
 
 
 def test_compile_after_an_uncompiled_generate():

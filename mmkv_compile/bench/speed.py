@@ -60,17 +60,18 @@ class _StepClock(LogitsProcessor):
         return scores
 
 
-def cache_bytes(cache) -> tuple[int, int]:
-    """(keys+values bytes, per-slot metadata bytes) held by a cache: an MMKVCache or a transformers cache."""
+def cache_bytes(cache) -> tuple[int, int, int]:
+    """(keys+values bytes, per-slot metadata bytes, unused capacity bytes) held by a cache: an MMKVCache or a
+    transformers cache."""
     if isinstance(cache, MMKVCache):
         sizes = cache.nbytes()
-        return sizes["kv"], sizes["metadata"]
+        return sizes["kv"], sizes["metadata"], sizes["reserved"]
     total = 0
     for layer in getattr(cache, "layers", []):
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
                 total += tensor.nbytes
-    return total, 0
+    return total, 0, 0
 
 
 def timed_generate(model, inputs: dict, new_tokens: int, context) -> dict:
@@ -84,7 +85,7 @@ def timed_generate(model, inputs: dict, new_tokens: int, context) -> dict:
             return_dict_in_generate=True, logits_processor=LogitsProcessorList([clock]),
         )  # fmt: skip
     total = time.perf_counter() - start
-    kv, metadata = cache_bytes(output_cache(out))
+    kv, metadata, reserved = cache_bytes(output_cache(out))
     first, last = clock.times[0], clock.times[-1]
     return {
         "prefill_s": first - start,
@@ -92,6 +93,7 @@ def timed_generate(model, inputs: dict, new_tokens: int, context) -> dict:
         "total_s": total,
         "kv_bytes": kv,
         "metadata_bytes": metadata,
+        "reserved_bytes": reserved,
     }
 
 
@@ -146,6 +148,7 @@ def measure(
         **{key: report.median([run[key] for run in runs]) for key in ("prefill_s", "decode_tok_s", "total_s")},
         "kv_bytes": runs[-1]["kv_bytes"],
         "metadata_bytes": runs[-1]["metadata_bytes"],
+        "reserved_bytes": runs[-1]["reserved_bytes"],
         "peak_added_bytes": memory.added,
         "peak_bytes": memory.peak,
         "first_call_s": warmup["total_s"],
@@ -189,6 +192,7 @@ COLUMNS: list[report.Column] = [
     ("batch", "batch", report.text),
     ("all rows tok/s", "batch_tok_s", report.fmt(1)),
     ("of bound", "of_bound", report.fmt(2)),
+    ("end to end s", "total_s", report.fmt(2)),
     ("KV MiB", "kv_mib", report.fmt(2)),
     ("x KV", "x_kv", report.fmt(2, "x")),
     ("peak +MiB", "peak_added_mib", report.fmt(0)),
@@ -200,12 +204,14 @@ COLUMNS: list[report.Column] = [
 LEGEND = (
     "Medians of {repeats} timed runs after one warm-up run, {new_tokens} new tokens, {batch_text}. "
     "x = ratio to (a) uncompiled at the same context (x prefill: time ratio; x decode: tokens/s ratio, above 1 is faster). "
-    "KV MiB: keys+values in the cache after generate (mmkv's per-slot labels/positions/scores are in results.json). "
+    "KV MiB: keys+values in the cache after generate (mmkv's per-slot labels/positions/scores, and the unused room "
+    "of its capacity buffers, are in results.json). "
     "peak +MiB: highest {memory} during the timed runs above its level before them. "
     "compile s: Dynamo frame compile time (Inductor included); recompiles: compiles caused by failed guards. "
     "Reference rows (uncompiled, other prompts): kept length = a prompt as long as the compressed cache at that "
     "budget; weights bound = a one-token prompt, a decode step that costs about its weights' traffic alone; "
-    "of bound: decode tokens/s as a share of the weights bound's."
+    "of bound: decode tokens/s as a share of the weights bound's. "
+    "end to end s: the whole generate call (prefill and every new token)."
 )
 
 
