@@ -188,3 +188,14 @@ def test_capacity_buffers_refuse_an_eager_step():
     token = torch.zeros((1, 1), dtype=torch.long)
     with torch.no_grad(), pytest.raises(RuntimeError, match="outside a compiled graph"):
         model(input_ids=token, past_key_values=cache, use_cache=True)
+
+
+def test_a_generate_of_another_length_compiles_nothing_new():
+    """Buffers sized for 12 tokens instead of 6 have another length: the decode graphs serve both."""
+    tiny = build("llama")
+    model = mmkv_compile.compile(build("llama").model, "snapkv", 0.5, inductor=False)
+    generate(model, tiny.inputs, 6)
+    before = _frames()
+    _, _, cache = generate(model, tiny.inputs, 12)
+    assert _frames() == before
+    assert cache.mmkv_layers[0].buffers.keys.shape[2] == cache.mmkv_layers[0].filled + 1
