@@ -110,9 +110,10 @@ def _uncompressed_warnings(ctx: RewriteContext, gm: fx.GraphModule) -> list[str]
     read = {s.state for s in ctx.sites if s.state is not None}
     unread = [n for n in cache_appends(gm.graph) if n not in read]
     if unread:
-        keys = next((u for u in unread[0].users if len(u.args) > 1 and u.args[1] == 0), None)
-        if writes_in_place(unread[0]):
+        if writes_in_place(unread[0]):  # the keys buffer it writes into
             keys = unread[0].args[0]
+        else:  # its keys output
+            keys = next((u for u in unread[0].users if len(u.args) > 1 and u.args[1] == 0), None)
         consumers = describe_consumers(keys) if keys is not None else "nothing"
         messages.append(
             f"mmkv ({method}) left {len(unread)} of {len(unread) + len(read)} MMKVCache layers in this graph "

@@ -22,7 +22,7 @@ import torch
 
 from mmkv_compile.kernels import reference
 from mmkv_compile.policy import LayerPlacement, Policy, output_length
-from mmkv_compile.state import STATE_FIELDS, SlotState
+from mmkv_compile.state import NEW_SLOT_FILLS, STATE_FIELDS, SlotState
 
 KERNEL_CHOICES = ("auto", "reference", "triton")
 _STATE_ARGS = ", ".join(f"Tensor {name}" for name in STATE_FIELDS)
@@ -87,9 +87,10 @@ def _cache_append(*args) -> tuple[torch.Tensor, ...]:
         values=new_values,
         labels=new_labels,
         positions=new_positions,
-        scores=torch.zeros(new_labels.shape, dtype=state.scores.dtype, device=new_labels.device),
-        weights=torch.ones(new_labels.shape, dtype=state.weights.dtype, device=new_labels.device),
-        parked=torch.zeros(new_labels.shape, dtype=torch.bool, device=new_labels.device),
+        **{
+            name: torch.full(new_labels.shape, fill, dtype=getattr(state, name).dtype, device=new_labels.device)
+            for name, fill in NEW_SLOT_FILLS.items()
+        },
     )
     length = _appended_length(state.keys.shape[2], new_keys.shape[2], window)
     return tuple(torch.cat([old, add], dim=2)[:, :, -length:] for old, add in zip(state, new, strict=True))
@@ -105,7 +106,7 @@ def _cache_write(*args) -> None:
             f"mmkv.cache_write: {num_new} new slots at slot {start} overflow a capacity of {capacity} "
             f"({placement}); MMKVCache.reserve makes room before each call"
         )
-    news = (new_keys, new_values, new_labels, new_positions, 0, 1, False)
+    news = (new_keys, new_values, new_labels, new_positions, *NEW_SLOT_FILLS.values())
     for buffer, new in zip(buffers, news, strict=True):
         target = buffer.narrow(2, start, num_new)
         if isinstance(new, torch.Tensor):

@@ -14,6 +14,8 @@ from mmkv_compile.labels import LABEL_DTYPE, Modality
 
 POSITION_DTYPE = torch.int64
 SCORE_DTYPE = torch.float32
+# What a slot's score, weight and parked flag start as when it is appended (or reserved, unused).
+NEW_SLOT_FILLS = {"scores": 0, "weights": 1, "parked": False}
 
 
 class SlotState(NamedTuple):
@@ -43,7 +45,7 @@ class SlotState(NamedTuple):
     def with_room(self, room: int) -> SlotState:
         """Buffers holding this state's slots followed by ``room`` unused ones (label INVALID, position -1, score
         0, weight 1, not parked): what ``mmkv::cache_write`` appends into in place."""
-        unused = {"labels": int(Modality.INVALID), "positions": -1, "scores": 0, "weights": 1, "parked": False}
+        unused = {"labels": int(Modality.INVALID), "positions": -1, **NEW_SLOT_FILLS}
         grown = []
         for name, tensor in zip(STATE_FIELDS, self, strict=True):
             buffer = tensor.new_full(
@@ -68,4 +70,4 @@ class SlotState(NamedTuple):
 
 STATE_FIELDS = SlotState._fields
 
-__all__ = ["POSITION_DTYPE", "SCORE_DTYPE", "STATE_FIELDS", "SlotState"]
+__all__ = ["NEW_SLOT_FILLS", "POSITION_DTYPE", "SCORE_DTYPE", "STATE_FIELDS", "SlotState"]

@@ -2,9 +2,10 @@
 
 Anchors: SDPA nodes, and softmax nodes between two matmuls (eager attention). From an anchor the pass
 walks view-like ops (repeat_kv's expand/reshape, transposes, casts) back to where K and V come from:
-``mmkv.cache_append`` or, for capacity buffers written in place, ``mmkv.cache_write`` (an MMKVCache layer), ``torch.cat`` (a plain DynamicCache), an in-place
-``index_copy_`` or a cache placeholder (StaticCache), or nothing (a vision encoder). This is tolerant of
-GQA style, scale as mul or div, casts and masks, where exact patterns are not.
+``mmkv.cache_append`` or, for capacity buffers written in place, ``mmkv.cache_write`` (an MMKVCache layer),
+``torch.cat`` (a plain DynamicCache), an in-place ``index_copy_`` or a cache placeholder (StaticCache), or
+nothing (a vision encoder). This is tolerant of GQA style, scale as mul or div, casts and masks, where exact
+patterns are not.
 """
 
 from __future__ import annotations

@@ -15,9 +15,7 @@ from mmkv_compile import ops
 from mmkv_compile.passes.find_sites import CACHE_WRITE
 from mmkv_compile.passes.graph_utils import example_value
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
-
-# What a new slot's score, weight and parked flag start as (as mmkv.cache_append and mmkv.cache_write set them).
-NEW_SLOT_FILLS = (0, 1, False)
+from mmkv_compile.state import NEW_SLOT_FILLS
 
 
 class LowerCacheWrites(GraphPass):
@@ -32,7 +30,9 @@ class LowerCacheWrites(GraphPass):
             new_keys, new_values, new_labels, new_positions, start = node.args[ops.NUM_FIELDS : ops.NUM_FIELDS + 5]
             with gm.graph.inserting_before(node):
                 length = _length(gm.graph, new_keys)
-                for buffer, new in zip(buffers, (new_keys, new_values, new_labels, new_positions, *NEW_SLOT_FILLS)):
+                for buffer, new in zip(
+                    buffers, (new_keys, new_values, new_labels, new_positions, *NEW_SLOT_FILLS.values())
+                ):
                     target = gm.graph.call_method("narrow", (buffer, 2, start, length))
                     gm.graph.call_method("copy_" if isinstance(new, fx.Node) else "fill_", (target, new))
             gm.graph.erase_node(node)
