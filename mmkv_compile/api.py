@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from typing import Any
@@ -105,6 +106,22 @@ def _entry(forward):
     return entry
 
 
+# The cache's lengths grow by one every decode step. Left to Dynamo, the first decode graph specializes them and
+# the second step compiles the graph again with them symbolic; declared dynamic, decoding compiles once.
+_CACHE_LENGTHS = r".*\.layers\[\d+\]\.(filled|logical_length)$"
+
+
+@contextlib.contextmanager
+def _decode_lengths_dynamic(kwargs: dict):
+    """Mark what grows each decode step (the cache's slot counts, the attention mask's columns) dynamic."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        torch._dynamo.maybe_mark_dynamic(mask, 1)
+    sources = ",".join(filter(None, (torch.compiler.config.dynamic_sources, _CACHE_LENGTHS)))  # keep the user's
+    with torch.compiler.config.patch(dynamic_sources=sources):
+        yield
+
+
 class CompiledForward:
     """A model's forward, compiled with the mmkv backend: gives every call an :class:`MMKVCache` and its labels,
     and checks that each phase (prefill, decode) really went through the backend.
@@ -138,7 +155,8 @@ class CompiledForward:
         if in_place:
             cache.reserve(cache.incoming_labels.shape[-1], room=self.new_tokens or CAPACITY_CHUNK)
         compiled_before = len(self.reports)
-        out = self.compiled(*args, **kwargs)
+        with _decode_lengths_dynamic(kwargs) if phase == DECODE else contextlib.nullcontext():
+            out = self.compiled(*args, **kwargs)
         if in_place:
             cache.sync_views()
             self._check_in_place(self.reports[compiled_before:])

@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import hashlib
-import inspect
 import logging
 
 import torch
 import torch.fx as fx
 
-from mmkv_compile import ops
 from mmkv_compile.adopt import FIRST_CALL_REASON, RetraceWithMMKVCache, adopt_traced_call, hook_outer_model
 from mmkv_compile.config import CompressionConfig
 from mmkv_compile.passes.causal_attention import CausalPrefillAttention
@@ -39,6 +35,7 @@ from mmkv_compile.passes.manager import PassManager, RewriteContext
 from mmkv_compile.passes.rewrite_masks import RewriteAttentionMasks
 from mmkv_compile.policy import Policy
 from mmkv_compile.reports import DECODE, NO_CACHE, PREFILL, GraphReport, MMKVWarning, SiteReport, Warner
+from mmkv_compile.sources import source_fingerprint
 
 log = logging.getLogger("mmkv_compile")
 
@@ -165,17 +162,11 @@ class MMKVBackend:
             return new_gm.forward
 
 
-@functools.cache
-def _operator_fingerprint() -> str:
-    """A hash of the operators' schemas and fake implementations (``ops.py``)."""
-    return hashlib.sha256(inspect.getsource(ops).encode()).hexdigest()[:16]
-
-
 def _cache_tag():
     """Inductor's on-disk cache does not key on a custom op's fake implementation: compiled code from another
-    mmkv version would be reused with the wrong output layouts. The tag adds the operators' fingerprint."""
+    mmkv version would be reused with the wrong output layouts. The tag adds mmkv's source fingerprint."""
     tag = torch.compiler.config.cache_key_tag
-    return torch.compiler.config.patch(cache_key_tag=f"{tag}mmkv-{_operator_fingerprint()}")
+    return torch.compiler.config.patch(cache_key_tag=f"{tag}mmkv-{source_fingerprint()}")
 
 
 @contextlib.contextmanager

@@ -47,6 +47,13 @@ def _add_bench(commands) -> None:
     speed.add_argument("--new-tokens", type=int, default=32)
     speed.add_argument("--batch", type=int, default=1,
                        help="rows per generate call, of different lengths, left-padded (throughput of all rows)")  # fmt: skip
+    speed.add_argument("--memory-cap", type=float, default=None, metavar="MIB",
+                       help="also find each variant's largest batch whose generate adds at most MIB MiB at its peak, "
+                       "and its throughput (full against compressed in the same memory)")  # fmt: skip
+    speed.add_argument("--max-batch", type=int, default=64, help="where the --memory-cap search stops")
+    speed.add_argument("--warm-compile", action="store_true",
+                       help="compile into an empty cache folder (cold), and again in a second process that reuses "
+                       "it (warm compile s)")  # fmt: skip
     speed.add_argument("--out", default="bench-out/speed", help="folder for table.md, results.json and plots")
     quality = kinds.add_parser("quality", help="KL and top-1 agreement vs the full cache, passkey retrieval; "
                                "with --model cards-vlm, accuracy on multi-image questions")  # fmt: skip
@@ -113,7 +120,9 @@ def _run_bench(args) -> int:
             from mmkv_compile.bench.speed import SpeedSettings, run_speed
 
             run_speed(SpeedSettings(contexts=args.contexts, variants=args.variants, repeats=args.repeats,
-                                    new_tokens=args.new_tokens, batch=args.batch, **common))  # fmt: skip
+                                    new_tokens=args.new_tokens, batch=args.batch,
+                                    memory_cap_mib=args.memory_cap, max_batch=args.max_batch,
+                                    warm_compile=args.warm_compile, **common))  # fmt: skip
         else:
             from mmkv_compile.bench.quality import QualitySettings, run_quality
 

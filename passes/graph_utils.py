@@ -8,6 +8,8 @@ import re
 import torch
 import torch.fx as fx
 
+from mmkv_compile.sources import source_fingerprint
+
 # Ops that reshape, repeat or cast a tensor without changing which token each slot is.
 VIEW_METHODS = {
     "view", "reshape", "expand", "transpose", "permute", "contiguous", "repeat_interleave", "repeat",
@@ -107,3 +109,14 @@ def prune_orphans(graph: fx.Graph, nodes) -> int:
         erased += 1
         stack.extend(inputs)
     return erased
+
+
+def mark_cacheable(node: fx.Node) -> None:
+    """Let AOTAutograd's on-disk cache take a graph in which ``node`` calls one of mmkv's own Python functions.
+
+    The cache bypasses a graph that calls a function it cannot vouch for, and a bypass costs every new process
+    the graph's whole tracing again. torch.fx.wrap's marks say the code is known; it is also in the key, since the
+    backend tags every key it compiles with mmkv's source fingerprint (``mmkv_compile.sources``).
+    """
+    node.meta["is_wrapped"] = True
+    node.meta["user_cache_hash"] = source_fingerprint()

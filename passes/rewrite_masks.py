@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from mmkv_compile.masks import slot_attention_mask
 from mmkv_compile.passes.find_sites import Decision, cache_layer_info, is_prefill, step_slots
-from mmkv_compile.passes.graph_utils import example_value, prune_orphans
+from mmkv_compile.passes.graph_utils import example_value, mark_cacheable, prune_orphans
 from mmkv_compile.passes.insert_op import state_fields
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
 
@@ -42,6 +42,7 @@ class RewriteAttentionMasks(GraphPass):
                 options["dtype"] = query.dtype if query is not None else None
             with gm.graph.inserting_before(self._insertion_point(site)):
                 mask = gm.graph.call_function(slot_attention_mask, (state.labels, state.positions, site.query), options)
+                mark_cacheable(mask)
                 if site.kind == "sdpa":
                     self._sdpa(gm, site, mask)
                 else:

@@ -83,10 +83,10 @@ def test_a_users_own_dynamic_cache_compiles_unchanged_with_one_warning():
 
 def test_inductor_caches_compiled_graphs_under_the_operators_fingerprint(monkeypatch):
     """Inductor's on-disk cache does not see a custom op's fake implementation: the backend tags the key with a
-    hash of the operators' definitions while it compiles, and leaves the user's tag as it was."""
+    hash of mmkv's source while it compiles, and leaves the user's tag as it was."""
     import torch._inductor.compile_fx as inductor
 
-    from mmkv_compile.backend import _operator_fingerprint
+    from mmkv_compile.sources import source_fingerprint
 
     seen, real = [], inductor.compile_fx
     monkeypatch.setattr(
@@ -95,7 +95,7 @@ def test_inductor_caches_compiled_graphs_under_the_operators_fingerprint(monkeyp
     with torch.compiler.config.patch(cache_key_tag="user-"):
         torch.compile(lambda x: x * 2, backend="mmkv")(torch.ones(3))
         assert torch.compiler.config.cache_key_tag == "user-"
-    assert seen == [f"user-mmkv-{_operator_fingerprint()}"]
+    assert seen == [f"user-mmkv-{source_fingerprint()}"]
 
 
 def test_a_failing_pass_falls_back_to_the_unchanged_graph(monkeypatch):
@@ -163,6 +163,34 @@ def test_explain_says_what_generate_does(method):
     compressed = [i for i, layer in enumerate(cache.mmkv_layers) if layer.is_compressed()]
     assert evicting == compressed == [0, 1]
     assert set(report.warnings) == ours
+
+
+WARM_PROCESS = """
+import json, torch, mmkv_compile
+from support import build
+from torch._dynamo.utils import counters
+tiny = build("llama")
+model = mmkv_compile.compile(tiny.model, "snapkv", 0.5)
+with torch.no_grad():
+    model.generate(**tiny.inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+print(json.dumps(dict(counters["aot_autograd"])))
+"""
+
+
+def test_a_second_process_takes_the_prefill_and_decode_graphs_from_the_compile_caches(tmp_path):
+    """The rewritten graphs (the operator, the rebuilt masks, the lowered cache writes) are ones AOTAutograd's
+    on-disk cache accepts: a second process with the same cache folder traces neither graph again."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+
+    def run() -> dict:
+        result = subprocess.run([sys.executable, "-c", WARM_PROCESS], capture_output=True, text=True, env=env,
+                                timeout=600, cwd=os.path.dirname(__file__))  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    cold, warm = run(), run()
+    assert cold["total"] == 2 and cold.get("autograd_cache_saved") == 2  # a prefill and a decode graph
+    assert warm.get("autograd_cache_hit") == 2 and not warm.get("autograd_cache_bypass")
 
 
 # -- the backend's own route ------------------------------------------------------------------------------

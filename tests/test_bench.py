@@ -174,3 +174,44 @@ def test_real_weights_methods_beat_random_eviction(tmp_path):
     for row in rows:
         if row["source"] == "mmkv":
             assert row["kl"] < random_kl, (row["method"], row["kl"], random_kl)
+
+
+def test_largest_batch_doubles_then_bisects_to_the_last_batch_under_the_cap():
+    from mmkv_compile.bench.fit import largest_batch
+
+    def peak(rows: int) -> int:  # 10 bytes of model state plus 3 per row: 40 bytes hold 10 rows
+        return 10 + 3 * rows
+
+    rows, probes = largest_batch(peak, cap=40, limit=64)
+    assert rows == 10 and peak(10) <= 40 < peak(11)
+    assert [probe.rows for probe in probes] == [1, 2, 4, 8, 16, 12, 10, 11]
+    assert largest_batch(peak, cap=40, limit=6)[0] == 6  # the limit stops the search first
+    assert [probe.rows for probe in largest_batch(peak, cap=12, limit=64)[1]] == [1]  # one row does not fit
+    assert largest_batch(peak, cap=12, limit=64)[0] == 0
+
+
+def test_speed_memory_cap_and_warm_compile(tmp_path):
+    """--memory-cap adds the largest batch each variant fits and its throughput; --warm-compile adds the compile
+    time of a second process (one bench run checks both: each compiles a tiny model)."""
+    out = tmp_path / "speed"
+    result = bench("speed", "--model", "tiny-llama", "--contexts", "64", "--budgets", "0.5", "--methods", "snapkv",
+                   "--variants", "uncompiled", "mmkv", "--repeats", "1", "--new-tokens", "3", "--layers", "1",
+                   "--memory-cap", "100000", "--max-batch", "3", "--warm-compile", "--out", str(out))  # fmt: skip
+    assert "largest batch" in result.stdout and "x throughput" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    by_kind = {row["kind"]: row for row in results["rows"] if not row["reference"]}
+    assert by_kind["mmkv"]["warm_compile_s"] > 0 and by_kind["uncompiled"]["warm_compile_s"] is None
+    fitted = results["memory_cap_rows"]
+    assert [row["kind"] for row in fitted] == ["uncompiled", "mmkv"]
+    for row in fitted:  # a cap nothing reaches: the search stops at --max-batch, after 1, 2 and 3 rows
+        assert row["fits_batch"] == 3 and row["stopped_by"] == "--max-batch"
+        assert [probe["rows"] for probe in row["probes"]] == [1, 2, 3]
+        assert row["batch_tok_s"] == 3 * row["decode_tok_s"] > 0
+    assert fitted[0]["x_throughput"] == 1.0
+    assert fitted[1]["kv_mib"] < fitted[0]["kv_mib"]  # the same 3 rows, compressed
+
+
+def test_speed_rejects_a_memory_cap_that_is_not_positive():
+    cmd = [sys.executable, "-m", "mmkv_compile.cli", "bench", "speed", "--model", "tiny-llama", "--memory-cap", "0"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 2 and "--memory-cap must be a number of MiB > 0" in result.stderr

@@ -88,9 +88,9 @@ def _decode_by_hand(model, inputs, steps: int, each=None):
     return torch.cat(tokens, dim=-1), cache
 
 
-def test_buffers_are_written_in_place_and_graphs_stop_compiling_after_two_steps():
+def test_buffers_are_written_in_place_and_decoding_compiles_once():
     """256 decode steps: the buffers are allocated once (the same memory every step, the state fields views of
-    it) and nothing compiles after the second decode step."""
+    it) and nothing compiles after the first decode step (the growing lengths are dynamic from the start)."""
     tiny = build("llama")
     model = mmkv_compile.compile(build("llama").model, "snapkv", 0.5, inductor=False)
     seen = {}
@@ -100,7 +100,7 @@ def test_buffers_are_written_in_place_and_graphs_stop_compiling_after_two_steps(
         seen.setdefault("pointer", layer.buffers.keys.data_ptr())
         assert layer.buffers.keys.data_ptr() == seen["pointer"]
         assert layer.keys.untyped_storage().data_ptr() == seen["pointer"]
-        if step == 1:
+        if step == 0:
             seen["frames"] = _frames()
 
     _, cache = _decode_by_hand(model, tiny.inputs, 256, each)
@@ -148,7 +148,7 @@ def test_decode_graph_writes_in_place():
     report = backend.reports[index]
     assert report.passes["lower_cache_writes"] == layers  # each write became in-place slice copies
     assert not [n for n in after.graph.nodes if n.target in CACHE_WRITE or n.target is ops.CACHE_APPEND]
-    assert sum(1 for n in after.graph.nodes if n.op == "call_method" and n.target == "copy_") >= 4 * layers
+    assert sum(1 for n in after.graph.nodes if n.target is torch.ops.aten.copy_.default) >= 4 * layers
     assert all(site.mask_rebuilt for site in report.sites if site.cache == "mmkv")
 
 

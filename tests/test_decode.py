@@ -120,7 +120,8 @@ def _count_frames():
 
 
 @pytest.mark.parametrize("method,budget", [("snapkv", 0.5), ("h2o", 12)])
-def test_no_recompiles_after_second_decode_step(method, budget):
+def test_decoding_compiles_once(method, budget):
+    """The first decode step compiles; the cache and mask lengths that grow every step are dynamic from then on."""
     tiny = build("llava")
     model = mmkv_compile.compile(build("llava").model, method, budget, inductor=False)
     with torch.no_grad():
@@ -134,7 +135,7 @@ def test_no_recompiles_after_second_decode_step(method, budget):
             return model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
 
         after_prefill = _count_frames()
-        out = step(step(out))
+        out = step(out)
         before = _count_frames()
         assert before > after_prefill  # the counter does see decode compiles
         for _ in range(16):

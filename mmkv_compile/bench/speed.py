@@ -9,6 +9,7 @@ statistics are the differences of Dynamo's counters across the cell. One warm-up
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from mmkv_compile.bench import report, variants
 from mmkv_compile.bench.kvpress_adapter import has_press, kvpress_missing
 from mmkv_compile.bench.memory import PeakMemory
 from mmkv_compile.bench.models import BenchModel, TinyScale, load_bench_model
+from mmkv_compile.bench.warm import empty_compile_caches, warm_compile_s
 from mmkv_compile.cache import MMKVCache
 from mmkv_compile.compat import output_cache
 from mmkv_compile.policy import BudgetStage
@@ -40,6 +42,9 @@ class SpeedSettings:
     repeats: int = 3
     new_tokens: int = 32
     batch: int = 1  # rows per generate call, of different lengths, left-padded
+    memory_cap_mib: float | None = None  # also find each variant's largest batch under this cap (fit.py)
+    max_batch: int = 64  # where that search stops
+    warm_compile: bool = False  # cold compile here, warm in a second process (warm.py)
     out: str | None = "bench-out/speed"
     device: str = "cpu"
     dtype: str = "float32"
@@ -97,7 +102,7 @@ def timed_generate(model, inputs: dict, new_tokens: int, context) -> dict:
     }
 
 
-def _compile_stats() -> dict:
+def compile_stats() -> dict:
     """Dynamo's counters and compilation metrics so far in this process (cells take differences)."""
     from torch._dynamo.utils import counters, get_compilation_metrics
 
@@ -120,13 +125,13 @@ def measure(
 ) -> dict:
     """One cell: warm up (compiling), then ``repeats`` timed runs; medians of each measure. ``context``: the
     row's context when the prompt is a reference row's other length."""
-    before = _compile_stats()
+    before = compile_stats()
     model = bench.fresh()
     rows, prompt = inputs["input_ids"].shape
     run_inside = variants.setup(variant, model, prompt)
     warmup = timed_generate(model, inputs, settings.new_tokens, run_inside)
     bar.update(1)
-    after_warmup = _since(before, _compile_stats())
+    after_warmup = _since(before, compile_stats())
     memory = PeakMemory(settings.device)
     memory.start()
     runs = []
@@ -134,7 +139,7 @@ def measure(
         runs.append(timed_generate(model, inputs, settings.new_tokens, run_inside))
         bar.update(1)
     memory.stop()
-    stats = _since(before, _compile_stats())
+    stats = _since(before, compile_stats())
     del model
     row = {
         "context": context or prompt,
@@ -153,6 +158,9 @@ def measure(
         "peak_bytes": memory.peak,
         "first_call_s": warmup["total_s"],
         "compile_s": stats["compile_s"] if variant.compiled else None,
+        "warm_compile_s": warm_compile_s(settings, variant, prompt)
+        if variant.compiled and settings.warm_compile
+        else None,
         "recompiles": stats["recompiles"] if variant.compiled else None,
         # compiles during the timed runs mean the timings include compilation: should be 0
         "frames_compiled_while_timed": stats["frames_compiled"] - after_warmup["frames_compiled"],
@@ -198,6 +206,7 @@ COLUMNS: list[report.Column] = [
     ("peak +MiB", "peak_added_mib", report.fmt(0)),
     ("x peak", "x_peak", report.fmt(2, "x")),
     ("compile s", "compile_s", report.fmt(1)),
+    ("warm compile s", "warm_compile_s", report.fmt(1)),
     ("recompiles", "recompiles", report.text),
 ]
 
@@ -207,7 +216,9 @@ LEGEND = (
     "KV MiB: keys+values in the cache after generate (mmkv's per-slot labels/positions/scores, and the unused room "
     "of its capacity buffers, are in results.json). "
     "peak +MiB: highest {memory} during the timed runs above its level before them. "
-    "compile s: Dynamo frame compile time (Inductor included); recompiles: compiles caused by failed guards. "
+    "compile s: Dynamo frame compile time (Inductor included); with --warm-compile it is cold (an empty cache "
+    "folder) and warm compile s is the same variant's compile time in a second process reusing the caches; "
+    "recompiles: compiles caused by failed guards. "
     "Reference rows (uncompiled, other prompts): kept length = a prompt as long as the compressed cache at that "
     "budget; weights bound = a one-token prompt, a decode step that costs about its weights' traffic alone; "
     "of bound: decode tokens/s as a share of the weights bound's. "
@@ -228,10 +239,19 @@ def reference_rows(bench: BenchModel, length: int, settings: SpeedSettings, bar)
 
 def run_speed(settings: SpeedSettings, out=print) -> dict:
     """Run the speed benchmark; print the table (through ``out``), write outputs; return the results."""
+    with empty_compile_caches() if settings.warm_compile else contextlib.nullcontext():
+        return _run_speed(settings, out)
+
+
+def _run_speed(settings: SpeedSettings, out) -> dict:
     if settings.new_tokens < 2:
         raise ValueError("--new-tokens must be >= 2 (decode speed is measured over the tokens after the first)")
     if settings.batch < 1:
         raise ValueError(f"--batch must be an int >= 1 (rows per generate call), got {settings.batch}")
+    if settings.memory_cap_mib is not None and not settings.memory_cap_mib > 0:
+        raise ValueError(f"--memory-cap must be a number of MiB > 0, got {settings.memory_cap_mib}")
+    if settings.max_batch < 1:
+        raise ValueError(f"--max-batch must be an int >= 1, got {settings.max_batch}")
     torch._logging.set_logs(dynamo=logging.ERROR)  # graph-break notices from models' own code are noise here
     torch.manual_seed(settings.seed)
     dtype = getattr(torch, settings.dtype)
@@ -243,6 +263,7 @@ def run_speed(settings: SpeedSettings, out=print) -> dict:
     rows = []
     references = "uncompiled" in kinds
     cells = len(settings.contexts) * (len(plan) + (len(settings.budgets) if references else 0)) + references
+    # the --memory-cap search is not counted: its number of probes is not known in advance
     bar = tqdm(total=cells * (settings.repeats + 1), desc="mmkv bench speed", unit="run")
     for length in settings.contexts:
         inputs = bench.batch(bench.prompt, length, settings.batch)
@@ -278,9 +299,18 @@ def run_speed(settings: SpeedSettings, out=print) -> dict:
     if missing:
         header.append(missing)
     text = "\n".join(header) + "\n\n" + table + "\n\n" + legend
-    out(text)
     results = {"settings": _settings_dict(settings), "machine": facts, "kvpress": missing or "installed",
                "legend": legend, "rows": rows}  # fmt: skip
+    if settings.memory_cap_mib is not None:
+        from mmkv_compile.bench import fit
+
+        fitted = fit.fit_rows(bench, plan, settings)
+        report.finish(facts)
+        fit_legend = fit.LEGEND.format(cap=settings.memory_cap_mib, memory=memory, max_batch=settings.max_batch,
+                                       repeats=settings.repeats, new_tokens=settings.new_tokens)  # fmt: skip
+        text += "\n\n" + report.markdown_table(fitted, fit.COLUMNS) + "\n\n" + fit_legend
+        results.update(memory_cap_rows=fitted, memory_cap_legend=fit_legend)
+    out(text)
     if settings.out:
         written = report.write(settings.out, text, results)
         from mmkv_compile.bench.plots import plot_speed
