@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -34,6 +35,7 @@ from mmkv_compile.passes.lower_cache_writes import LowerCacheWrites
 from mmkv_compile.passes.manager import PassManager, RewriteContext
 from mmkv_compile.passes.rewrite_masks import RewriteAttentionMasks
 from mmkv_compile.policy import Policy
+from mmkv_compile.regions import compile_regions
 from mmkv_compile.reports import DECODE, NO_CACHE, PREFILL, GraphReport, MMKVWarning, SiteReport, Warner
 from mmkv_compile.sources import source_fingerprint
 
@@ -144,13 +146,23 @@ class MMKVBackend:
             self.warner.warn(message, stacklevel=4)
         if not self.config.inductor:
             return new_gm.forward
+        return self._inductor(new_gm, example_inputs, report, mode)
+
+    def _inductor(self, gm: fx.GraphModule, example_inputs, report: GraphReport, mode: str | None):
+        """Compile the rewritten graph with Inductor, each repeated region once (``mmkv_compile.regions``), or
+        whole when it has no regions; if Inductor fails, the graph runs without it (with a warning)."""
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
         patches = list_mode_options(mode) if mode and mode != "default" else {}
+        compile_fn = functools.partial(compile_fx, config_patches=patches)
         try:
             with _data_dependent_lengths(example_inputs, not self.config.policy.static_output_length), _cache_tag():
-                return compile_fx(new_gm, example_inputs, config_patches=patches)
+                split = _split_or_none(gm, compile_fn)
+                if split is not None:
+                    report.regions = split[1]
+                    return split[0].forward
+                return compile_fn(gm, example_inputs)
         except Exception as exc:  # noqa: BLE001 - see the module docstring: the rewritten graph runs as it is
             log.debug("Inductor failed on the rewritten graph", exc_info=True)
             message = (
@@ -158,8 +170,18 @@ class MMKVBackend:
                 f"({type(exc).__name__}: {_first_line(exc)}); it runs without Inductor, with the same compression"
             )
             report.warnings.append(message)
-            self.warner.warn(message, stacklevel=4)
-            return new_gm.forward
+            self.warner.warn(message, stacklevel=5)
+            return gm.forward
+
+
+def _split_or_none(gm: fx.GraphModule, compile_fn):
+    """The graph compiled region by region, or None when it cannot be (then it is compiled whole: the same code,
+    only slower to compile, so nothing to warn about)."""
+    try:
+        return compile_regions(gm, compile_fn)
+    except Exception:  # noqa: BLE001 - compiled whole instead
+        log.debug("mmkv could not compile the graph by regions", exc_info=True)
+        return None
 
 
 def _cache_tag():

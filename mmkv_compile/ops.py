@@ -93,7 +93,8 @@ def _cache_append(*args) -> tuple[torch.Tensor, ...]:
         },
     )
     length = _appended_length(state.keys.shape[2], new_keys.shape[2], window)
-    return tuple(torch.cat([old, add], dim=2)[:, :, -length:] for old, add in zip(state, new, strict=True))
+    # contiguous, as the fake kernel says: a sliding window's slice would otherwise keep the dropped slot's stride
+    return tuple(torch.cat([old, add], dim=2)[:, :, -length:].contiguous() for old, add in zip(state, new, strict=True))
 
 
 def _cache_write(*args) -> None:

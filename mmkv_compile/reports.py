@@ -7,6 +7,8 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mmkv_compile.regions import RegionStats
+
 PREFILL, DECODE, NO_CACHE = "prefill", "decode", "no mmkv cache"  # a graph's phase
 
 
@@ -40,6 +42,7 @@ class GraphReport:
     passes: dict[str, int] = field(default_factory=dict)
     fallback: str = ""
     warnings: list[str] = field(default_factory=list)
+    regions: RegionStats | None = None  # how Inductor compiled it, when by regions
 
     def compresses(self) -> bool:
         """Whether this graph evicts from the cache at any layer."""

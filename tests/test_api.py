@@ -178,8 +178,9 @@ print(json.dumps(dict(counters["aot_autograd"])))
 
 
 def test_a_second_process_takes_the_prefill_and_decode_graphs_from_the_compile_caches(tmp_path):
-    """The rewritten graphs (the operator, the rebuilt masks, the lowered cache writes) are ones AOTAutograd's
-    on-disk cache accepts: a second process with the same cache folder traces neither graph again."""
+    """The rewritten graphs (the operator, the rebuilt masks, the lowered cache writes), compiled region by
+    region, are ones AOTAutograd's on-disk cache accepts: a second process with the same cache folder traces none
+    of their regions again."""
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
 
     def run() -> dict:
@@ -189,8 +190,9 @@ def test_a_second_process_takes_the_prefill_and_decode_graphs_from_the_compile_c
         return json.loads(result.stdout.strip().splitlines()[-1])
 
     cold, warm = run(), run()
-    assert cold["total"] == 2 and cold.get("autograd_cache_saved") == 2  # a prefill and a decode graph
-    assert warm.get("autograd_cache_hit") == 2 and not warm.get("autograd_cache_bypass")
+    # each graph is compiled region by region: every compiled region is saved, then read back
+    assert cold["total"] >= 2 and cold.get("autograd_cache_saved") == cold["total"]
+    assert warm.get("autograd_cache_hit") == cold["total"] and not warm.get("autograd_cache_bypass")
 
 
 # -- the backend's own route ------------------------------------------------------------------------------

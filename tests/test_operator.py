@@ -38,10 +38,13 @@ def test_opcheck(method, budget, prefill, params):
     torch.library.opcheck(torch.ops.mmkv.score_evict_merge.default, args, test_utils=tests)
 
 
-def test_opcheck_cache_append():
+@pytest.mark.parametrize("num_new,window", [(2, 0), (1, 6), (1, 4)], ids=["full", "window-full", "window-slides"])
+def test_opcheck_cache_append(num_new, window):
+    """Real outputs match the fake kernel's sizes and strides (a compiled region receiving them asserts both),
+    also when a sliding window drops the oldest slot."""
     _, state = random_state(seq=6)
-    _, new = random_state(seq=2)
-    args = (*state, new.keys, new.values, new.labels, new.positions, LayerPlacement(0, 2).to_string())
+    _, new = random_state(seq=num_new)
+    args = (*state, new.keys, new.values, new.labels, new.positions, LayerPlacement(0, 2, window).to_string())
     torch.library.opcheck(torch.ops.mmkv.cache_append.default, args)
 
 
