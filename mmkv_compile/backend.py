@@ -30,6 +30,7 @@ from mmkv_compile.passes.find_sites import (
     is_prefill,
     writes_in_place,
 )
+from mmkv_compile.passes.grouped_query_attention import GroupedQueryDecodeAttention
 from mmkv_compile.passes.insert_op import InsertScoreEvictMerge
 from mmkv_compile.passes.lower_cache_writes import LowerCacheWrites
 from mmkv_compile.passes.manager import PassManager, RewriteContext
@@ -51,6 +52,7 @@ def default_passes() -> PassManager:
             RewriteAttentionMasks(),
             CausalPrefillAttention(),
             LowerCacheWrites(),
+            GroupedQueryDecodeAttention(),
         ]
     )
 

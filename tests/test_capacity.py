@@ -11,7 +11,9 @@ import mmkv_compile
 from mmkv_compile import ops
 from mmkv_compile.compat import output_cache
 from mmkv_compile.masks import slot_attention_mask
+from mmkv_compile.passes.causal_attention import sdpa_arguments
 from mmkv_compile.passes.find_sites import CACHE_WRITE
+from mmkv_compile.passes.graph_utils import SDPA_TARGETS, is_call
 
 STEPS = 24
 
@@ -150,6 +152,11 @@ def test_decode_graph_writes_in_place():
     assert not [n for n in after.graph.nodes if n.target in CACHE_WRITE or n.target is ops.CACHE_APPEND]
     assert sum(1 for n in after.graph.nodes if n.target is torch.ops.aten.copy_.default) >= 4 * layers
     assert all(site.mask_rebuilt for site in report.sites if site.cache == "mmkv")
+    # each step's attention reads the buffers' own key/value heads, not a per-step repeated copy of the cache
+    # (transformers 5.2 traces repeat_kv for a masked grouped-query call)
+    attention = [sdpa_arguments(n) for n in after.graph.nodes if is_call(n, SDPA_TARGETS)]
+    assert len(attention) == layers
+    assert all(a["key"].op == "placeholder" and a["value"].op == "placeholder" and a["enable_gqa"] for a in attention)
 
 
 def test_cache_write_writes_at_start_and_refuses_to_overflow():

@@ -231,3 +231,62 @@ def test_causal_prefill_attention_under_inductor_matches_plain_sdpa():
     for case in ("causal", "left_padding"):
         mask = CAUSAL_CASES[case](S)
         torch.testing.assert_close(compiled(q, k, v, mask), attention_then_transpose(q, k, v, mask))
+
+
+def repeat_kv(x: torch.Tensor, repeats: int) -> torch.Tensor:  # transformers' own
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, repeats, s, d).reshape(b, h * repeats, s, d)
+
+
+def tile_kv(x: torch.Tensor, repeats: int) -> torch.Tensor:  # another head order: query head i reads i % h
+    b, h, s, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, repeats, s, d).transpose(1, 2).reshape(b, h * repeats, s, d)
+
+
+def masked_attention_over(repeat):
+    def attention(q, k, v, mask):
+        r = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(q, repeat(k, r), repeat(v, r), attn_mask=mask)
+
+    return attention
+
+
+def _slots_mask(rows: int, length: int) -> torch.Tensor:
+    return torch.arange(length) < length - 2  # the last two slots empty, as in capacity buffers
+
+
+@pytest.mark.parametrize("rows, rewritten", [(1, True), (S, False)], ids=["decode", "prefill"])
+def test_decode_attention_reads_grouped_heads_in_place(rows, rewritten):
+    """A one-row query over repeat_kv's copy reads the cache itself with enable_gqa; a prefill keeps its copy.
+    Either way the output equals the eager one."""
+    from mmkv_compile.passes.graph_utils import SDPA_TARGETS, is_call
+
+    attention = masked_attention_over(repeat_kv)
+    backend = CaptureBackend(method="full")
+    q, k, v = torch.randn(B, HQ, rows, D), torch.randn(B, HKV, S, D), torch.randn(B, HKV, S, D)
+    mask = _slots_mask(rows, S).expand(B, 1, rows, S)
+    out = torch.compile(attention, backend=backend, fullgraph=True, dynamic=True)(q, k, v, mask)
+    torch.testing.assert_close(out, attention(q, k, v, mask))
+    (sdpa,) = [n for n in backend.graph.nodes if is_call(n, SDPA_TARGETS)]
+    expands = sum(1 for n in backend.graph.nodes if n.op == "call_method" and n.target == "expand")
+    assert backend.report.passes["grouped_query_attention"] == int(rewritten)
+    assert (sdpa.kwargs.get("enable_gqa", False), expands) == ((True, 0) if rewritten else (False, 2))
+
+
+def test_decode_attention_keeps_a_copy_in_another_head_order():
+    """Tiled heads (query head i reads key head i % h) are not what enable_gqa computes: left alone, exact."""
+    attention = masked_attention_over(tile_kv)
+    backend = CaptureBackend(method="full")
+    q, k, v = torch.randn(B, HQ, 1, D), torch.randn(B, HKV, S, D), torch.randn(B, HKV, S, D)
+    mask = _slots_mask(1, S).expand(B, 1, 1, S)
+    out = torch.compile(attention, backend=backend, fullgraph=True)(q, k, v, mask)
+    assert backend.report.passes["grouped_query_attention"] == 0
+    torch.testing.assert_close(out, attention(q, k, v, mask))
+
+
+def test_decode_attention_in_place_under_inductor_matches_eager():
+    attention = masked_attention_over(repeat_kv)
+    compiled = torch.compile(attention, backend="mmkv", options={"method": "full"}, fullgraph=True)
+    q, k, v = torch.randn(B, HQ, 1, D), torch.randn(B, HKV, S, D), torch.randn(B, HKV, S, D)
+    mask = _slots_mask(1, S).expand(B, 1, 1, S)
+    torch.testing.assert_close(compiled(q, k, v, mask), attention(q, k, v, mask))
