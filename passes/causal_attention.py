@@ -14,10 +14,11 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from mmkv_compile import ops
-from mmkv_compile.passes.graph_utils import SDPA_TARGETS, example_value, is_call
+from mmkv_compile.passes.graph_utils import SDPA_TARGETS, example_value, is_call, with_example_value
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
 
 SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_VALUE_META = ("example_value", "val", "tensor_meta")
 SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 
@@ -53,13 +54,15 @@ class CausalPrefillAttention(GraphPass):
                 continue
             if mask not in checks:
                 with gm.graph.inserting_after(mask):
-                    checks[mask] = gm.graph.call_function(ops.IS_CAUSAL_MASK, (mask,))
+                    checks[mask] = with_example_value(gm.graph.call_function(ops.IS_CAUSAL_MASK, (mask,)))
             with gm.graph.inserting_before(node):
                 fused = gm.graph.call_function(
                     ops.CAUSAL_OR_MASKED_ATTENTION,
                     (args["query"], args["key"], args["value"], mask, checks[mask], args["scale"], args["enable_gqa"]),
                 )
-            fused.meta.update(node.meta)
+            # the module stack and source from SDPA, not its fake value: the op returns its own layout
+            fused.meta.update({key: value for key, value in node.meta.items() if key not in _VALUE_META})
+            with_example_value(fused)
             node.replace_all_uses_with(fused)
             gm.graph.erase_node(node)
             count += 1

@@ -7,6 +7,7 @@ import re
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from mmkv_compile.sources import source_fingerprint
 
@@ -73,6 +74,26 @@ def strip_casts(node: object) -> object:
 def example_value(node: object):
     """The FakeTensor (or SymInt) Dynamo recorded for ``node``, if any."""
     return node.meta.get("example_value") if isinstance(node, fx.Node) else None
+
+
+def with_example_value(node: fx.Node) -> fx.Node:
+    """Give ``node`` (added by a pass) the fake value its target computes from its inputs' example values, so the
+    passes after it, and the regions' compiler, see the layout it really returns. Left without one when an input
+    has none."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), example_value)
+    # the inputs' own mode (Dynamo's), not the tracing context's: the backend's differs and they do not mix
+    modes = {value.fake_mode for value in _leaves((args, kwargs)) if isinstance(value, FakeTensor)}
+    missing = any(example_value(n) is None for n in node.all_input_nodes)
+    if len(modes) == 1 and not missing:
+        with modes.pop():
+            node.meta["example_value"] = node.target(*args, **kwargs)
+    return node
+
+
+def _leaves(tree) -> list:
+    leaves = []
+    fx.node.map_aggregate(tree, lambda x: leaves.append(x))
+    return leaves
 
 
 def layer_index(node: fx.Node) -> int | None:

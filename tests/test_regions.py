@@ -16,6 +16,8 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 import mmkv_compile
 from mmkv_compile.api import compiled_reports
+from mmkv_compile.backend import MMKVBackend
+from mmkv_compile.config import CompressionConfig
 from mmkv_compile.regions import CompiledRegion, assign_regions, compile_regions, dense_order
 from mmkv_compile.reports import DECODE, PREFILL
 
@@ -40,7 +42,7 @@ def test_regions_compile_what_the_graph_computes(family, method):
     for layer, expected in zip(cache.mmkv_layers, expected_cache.mmkv_layers, strict=True):
         assert torch.equal(layer.positions, expected.positions)
     reports = {report.phase: report for report in compiled_reports(model) if report.regions is not None}
-    assert set(reports) == {PREFILL, DECODE}
+    assert {PREFILL, DECODE} <= set(reports)  # (a vision tower's graph may be split too: transformers 5.2)
     assert reports[DECODE].regions.reused >= LAYERS - 2  # layers 1.. share a function (layer 0 may differ)
     operators = sum(1 for s in reports[PREFILL].sites if s.rewritten)  # at least one operator per rewritten layer
     assert reports[PREFILL].regions.operators >= operators
@@ -62,6 +64,46 @@ def test_each_mmkv_operator_is_a_region_of_its_own():
     for node, region in assignment.items():
         if node.target is operator.getitem and node.args[0] in assignment:
             assert region == assignment[node.args[0]]
+
+
+class _MaskedAttentionLayer(torch.nn.Module):
+    """A prompt layer as transformers 5.2 traces it: SDPA over an explicit causal mask, then the transpose back."""
+
+    def __init__(self, width: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, torch.nn.Linear(width, 3 * width), torch.nn.Linear(width, width)
+
+    def forward(self, x, mask):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = q.contiguous(), k.contiguous()  # as after rotary embeddings: SDPA's fake output is then contiguous
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return x + self.out(y.transpose(1, 2).reshape(b, n, -1))
+
+
+class _MaskedAttentionStack(torch.nn.Module):
+    def __init__(self, layers: int = LAYERS):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_MaskedAttentionLayer() for _ in range(layers))
+
+    def forward(self, x, mask):
+        for layer in self.layers:
+            x = layer(x, mask)
+        return x
+
+
+def test_a_region_reads_the_causal_attention_operator_in_the_layout_it_returns():
+    """The causal-or-masked operator returns ``[B, H, L, D]`` laid out as ``[B, L, H, D]``; the next region must be
+    compiled for that layout, not for the one SDPA's fake had (which failed at run time on transformers 5.2)."""
+    torch.manual_seed(0)
+    stack = _MaskedAttentionStack().eval()
+    x, mask = torch.randn(1, 12, 32), torch.ones(12, 12, dtype=torch.bool).tril().expand(1, 1, 12, 12)
+    backend = MMKVBackend(CompressionConfig.from_options({"method": "full"}))
+    compiled = torch.compile(stack, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, mask), stack(x, mask), atol=1e-5, rtol=1e-5)
+    (report,) = backend.reports
+    assert report.passes["causal_prefill_attention"] == LAYERS and report.regions.reused >= LAYERS - 2
 
 
 # -- reuse, on hand-built graphs ---------------------------------------------------------------------------
