@@ -31,6 +31,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
 from torch.fx.passes.split_module import split_module
 
+from mmkv_compile.passes.graph_utils import example_value, run_on_example_values
+
 CompileFn = Callable[[fx.GraphModule, list], Callable]
 
 # An item of a module list in a module path: "model.layers.3", "L['self'].model.layers[3]".
@@ -189,11 +191,6 @@ def _laid_out(tensor, order: tuple[int, ...] | None):
     return torch.empty_strided(tensor.shape, strides, dtype=tensor.dtype, device=tensor.device).copy_(tensor)
 
 
-def _value(node: fx.Node):
-    """The fake value Dynamo recorded for a node (or :func:`_fill_example_values` gave it)."""
-    return node.meta.get("example_value")
-
-
 def _fill_example_values(nodes, fake_mode) -> None:
     """Give ``nodes``, where the passes added them, a fake value like the ones Dynamo recorded for the others,
     running them (and any added node they read) on their inputs' fake values. Only values that cross a region
@@ -208,13 +205,7 @@ def _fill_example_values(nodes, fake_mode) -> None:
         pending.pop()
         if "example_value" in node.meta:
             continue
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), _value)
-        with fake_mode:
-            if node.op == "call_method":
-                value = getattr(args[0], node.target)(*args[1:], **kwargs)
-            else:
-                value = node.target(*args, **kwargs)
-        node.meta["example_value"] = value
+        value = node.meta["example_value"] = run_on_example_values(node, fake_mode)
         # sizes the op's output has that nothing knows in advance (per-layer budgets): bound to this node
         bindings = compute_unbacked_bindings(fake_mode.shape_env, value)
         if bindings:
@@ -248,7 +239,7 @@ def compile_regions(gm: fx.GraphModule, compile_fn: CompileFn) -> tuple[fx.Graph
         return None
     # Dynamo's fake mode, whose values the nodes hold; Dynamo hands the backend another one over the same shape
     # environment, and compile_fx takes its mode from the tracing context: each region gets one with Dynamo's.
-    fakes = [v for n in gm.graph.nodes if isinstance(v := _value(n), FakeTensor)]
+    fakes = [v for n in gm.graph.nodes if isinstance(v := example_value(n), FakeTensor)]
     fake_mode = fakes[0].fake_mode if fakes else None
     if fake_mode is None or fake_mode.shape_env is None:
         return None
@@ -264,7 +255,7 @@ def compile_regions(gm: fx.GraphModule, compile_fn: CompileFn) -> tuple[fx.Graph
             continue
         region: fx.GraphModule = getattr(split, node.target)
         outputs = next(n for n in region.graph.nodes if n.op == "output").args[0]
-        layouts = [dense_order(_value(out)) if isinstance(out, fx.Node) else None for out in outputs]
+        layouts = [dense_order(example_value(out)) if isinstance(out, fx.Node) else None for out in outputs]
         setattr(split, node.target, CompiledRegion(compiler.compile(region), layouts))
     split.recompile()
     return split, compiler.stats
@@ -289,7 +280,7 @@ class _RegionCompiler:
         self._guards_by_symbol: dict[sympy.Symbol, set] = {}
 
     def compile(self, region: fx.GraphModule) -> Callable:
-        inputs = [_value(p) for p in region.graph.nodes if p.op == "placeholder"]
+        inputs = [example_value(p) for p in region.graph.nodes if p.op == "placeholder"]
         sig = signature(region, inputs)
         for candidate in self.done.get(sig.text, []):
             if self._sound(candidate, sig):

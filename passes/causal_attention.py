@@ -14,17 +14,16 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from mmkv_compile import ops
-from mmkv_compile.passes.graph_utils import SDPA_TARGETS, example_value, is_call, with_example_value
+from mmkv_compile.passes.graph_utils import (
+    SDPA_TARGETS,
+    example_value,
+    is_call,
+    sdpa_arguments,
+    with_example_value,
+)
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
 
-SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_VALUE_META = ("example_value", "val", "tensor_meta")
-SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-
-
-def sdpa_arguments(node: fx.Node) -> dict:
-    """An SDPA call's arguments by name, defaults filled in."""
-    return {**SDPA_DEFAULTS, **dict(zip(SDPA_PARAMETERS, node.args)), **node.kwargs}
+_VALUE_META = ("example_value", "val", "tensor_meta")  # fake values: the op's own is computed instead
 
 
 def _square(query: fx.Node, key: fx.Node) -> bool:

@@ -23,6 +23,8 @@ VIEW_FUNCTIONS = {
 CAST_METHODS = {"to", "float", "half", "bfloat16", "type_as", "type", "contiguous"}
 
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 SOFTMAX_TARGETS = {torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax}
 MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.bmm, torch.Tensor.matmul}
 DROPOUT_TARGETS = {torch.nn.functional.dropout, torch.dropout}
@@ -76,24 +78,30 @@ def example_value(node: object):
     return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
+def sdpa_arguments(node: fx.Node) -> dict:
+    """An SDPA call's arguments by name, defaults filled in."""
+    return {**SDPA_DEFAULTS, **dict(zip(SDPA_PARAMETERS, node.args)), **node.kwargs}
+
+
+def run_on_example_values(node: fx.Node, fake_mode):
+    """What ``node`` computes from its inputs' example values, run under ``fake_mode``."""
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), example_value)
+    with fake_mode:
+        if node.op == "call_method":
+            return getattr(args[0], node.target)(*args[1:], **kwargs)
+        return node.target(*args, **kwargs)
+
+
 def with_example_value(node: fx.Node) -> fx.Node:
     """Give ``node`` (added by a pass) the fake value its target computes from its inputs' example values, so the
     passes after it, and the regions' compiler, see the layout it really returns. Left without one when an input
     has none."""
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), example_value)
+    values = [example_value(n) for n in node.all_input_nodes]
     # the inputs' own mode (Dynamo's), not the tracing context's: the backend's differs and they do not mix
-    modes = {value.fake_mode for value in _leaves((args, kwargs)) if isinstance(value, FakeTensor)}
-    missing = any(example_value(n) is None for n in node.all_input_nodes)
-    if len(modes) == 1 and not missing:
-        with modes.pop():
-            node.meta["example_value"] = node.target(*args, **kwargs)
+    modes = {value.fake_mode for value in values if isinstance(value, FakeTensor)}
+    if len(modes) == 1 and all(value is not None for value in values):
+        node.meta["example_value"] = run_on_example_values(node, modes.pop())
     return node
-
-
-def _leaves(tree) -> list:
-    leaves = []
-    fx.node.map_aggregate(tree, lambda x: leaves.append(x))
-    return leaves
 
 
 def layer_index(node: fx.Node) -> int | None:

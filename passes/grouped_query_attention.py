@@ -18,8 +18,14 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from mmkv_compile.passes.causal_attention import sdpa_arguments
-from mmkv_compile.passes.graph_utils import SDPA_TARGETS, example_value, is_call, is_method, prune_orphans
+from mmkv_compile.passes.graph_utils import (
+    SDPA_TARGETS,
+    example_value,
+    is_call,
+    is_method,
+    prune_orphans,
+    sdpa_arguments,
+)
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
 
 _ALL = slice(None, None, None)
@@ -45,12 +51,10 @@ def repeated_heads(node: object) -> tuple[fx.Node, int | torch.SymInt] | None:
         return None
     kv, out, grouped = index.args[0], example_value(node), example_value(expand)
     source = example_value(kv)
-    if source is None or out is None or grouped is None or source.dim() != 4 or grouped.dim() != 5:
+    if source is None or out is None or grouped is None or (source.dim(), grouped.dim(), out.dim()) != (4, 5, 4):
         return None
     b, h, s, d = source.shape
     repeats = grouped.shape[2]
-    if out.dim() != 4:
-        return None
     if not all(_same(x, y) for x, y in zip(grouped.shape, (b, h, repeats, s, d))):
         return None
     if not all(_same(x, y) for x, y in zip(out.shape, (b, h * repeats, s, d))):

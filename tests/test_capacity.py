@@ -11,9 +11,8 @@ import mmkv_compile
 from mmkv_compile import ops
 from mmkv_compile.compat import output_cache
 from mmkv_compile.masks import slot_attention_mask
-from mmkv_compile.passes.causal_attention import sdpa_arguments
 from mmkv_compile.passes.find_sites import CACHE_WRITE
-from mmkv_compile.passes.graph_utils import SDPA_TARGETS, is_call
+from mmkv_compile.passes.graph_utils import SDPA_TARGETS, is_call, sdpa_arguments
 
 STEPS = 24
 

@@ -12,6 +12,7 @@ from support import SCORE_EVICT_MERGE, CaptureBackend
 
 from mmkv_compile.cache import MMKVLayer
 from mmkv_compile.masks import slot_attention_mask
+from mmkv_compile.passes.graph_utils import SDPA_TARGETS, is_call
 from mmkv_compile.state import STATE_FIELDS
 
 B, HQ, HKV, S, D = 1, 4, 2, 12, 8
@@ -259,8 +260,6 @@ def _slots_mask(rows: int, length: int) -> torch.Tensor:
 def test_decode_attention_reads_grouped_heads_in_place(rows, rewritten):
     """A one-row query over repeat_kv's copy reads the cache itself with enable_gqa; a prefill keeps its copy.
     Either way the output equals the eager one."""
-    from mmkv_compile.passes.graph_utils import SDPA_TARGETS, is_call
-
     attention = masked_attention_over(repeat_kv)
     backend = CaptureBackend(method="full")
     q, k, v = torch.randn(B, HQ, rows, D), torch.randn(B, HKV, S, D), torch.randn(B, HKV, S, D)
