@@ -106,6 +106,17 @@ def _entry(forward):
     return entry
 
 
+@contextlib.contextmanager
+def _floats_constant():
+    """Trace this model's Python floats (its attention scale) as constants. A graph break in the model's own code
+    (LLaVA's placeholder check) resumes in a frame every model of that class shares, and Dynamo remembers what
+    changed there between models: after a LLaVA of another head size, the scale came in as a symbolic float, which
+    the passes cannot read, and the prompt graph compiled unchanged. Constant floats guard on their value
+    instead: each model compiles that frame with its own scale, as in a fresh process."""
+    with torch._dynamo.config.patch(specialize_float=True):
+        yield
+
+
 # The cache's lengths grow by one every decode step. Left to Dynamo, the first decode graph specializes them and
 # the second step compiles the graph again with them symbolic; declared dynamic, decoding compiles once.
 _CACHE_LENGTHS = r".*\.layers\[\d+\]\.(filled|logical_length)$"
@@ -155,7 +166,7 @@ class CompiledForward:
         if in_place:
             cache.reserve(cache.incoming_labels.shape[-1], room=self.new_tokens or CAPACITY_CHUNK)
         compiled_before = len(self.reports)
-        with _decode_lengths_dynamic(kwargs) if phase == DECODE else contextlib.nullcontext():
+        with _floats_constant(), _decode_lengths_dynamic(kwargs) if phase == DECODE else contextlib.nullcontext():
             out = self.compiled(*args, **kwargs)
         if in_place:
             cache.sync_views()

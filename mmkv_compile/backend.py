@@ -164,7 +164,11 @@ class MMKVBackend:
         compile_fn = functools.partial(compile_fx, config_patches=patches)
         try:
             with _data_dependent_lengths(example_inputs, not self.config.policy.static_output_length), _cache_tag():
-                split = _split_or_none(gm, compile_fn)
+                try:
+                    split = compile_regions(gm, compile_fn)
+                except Exception as exc:  # noqa: BLE001 - compiled whole instead: the same code, slower to compile
+                    log.debug("mmkv could not compile the graph by regions", exc_info=True)
+                    split, report.whole_because = None, f"{type(exc).__name__}: {_first_line(exc)}"
                 if split is not None:
                     report.regions = split[1]
                     return split[0].forward
@@ -182,16 +186,6 @@ class MMKVBackend:
 
 def _on_cpu(value) -> bool:
     return not isinstance(value, torch.Tensor) or value.device.type == "cpu"
-
-
-def _split_or_none(gm: fx.GraphModule, compile_fn):
-    """The graph compiled region by region, or None when it cannot be (then it is compiled whole: the same code,
-    only slower to compile, so nothing to warn about)."""
-    try:
-        return compile_regions(gm, compile_fn)
-    except Exception:  # noqa: BLE001 - compiled whole instead
-        log.debug("mmkv could not compile the graph by regions", exc_info=True)
-        return None
 
 
 def _cache_tag():

@@ -158,8 +158,19 @@ def _score_evict_merge_fake(query, *args, layer_budgets=None, keep_positions=Non
     if layer_budgets is None:
         kept = output_length(Policy.from_string(policy), state.keys.shape[2], query.shape[2], prefill)
     if kept is None:
-        kept = torch.library.get_ctx().new_dynamic_size(min=0, max=state.keys.shape[2])
+        kept = _at_most(state.keys.shape[2])
     return tuple(state.with_length(kept))
+
+
+def _at_most(length: int | torch.SymInt) -> torch.SymInt:
+    """A data-dependent kept length, no longer than ``length``: a bound, when the prompt length is symbolic
+    (a prompt graph compiled for any length), rather than the size's declared maximum."""
+    ctx = torch.library.get_ctx()
+    if isinstance(length, int):
+        return ctx.new_dynamic_size(min=0, max=length)
+    kept = ctx.new_dynamic_size()
+    torch._check(kept <= length)
+    return kept
 
 
 # -- per-layer budgets ------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class GraphReport:
     fallback: str = ""
     warnings: list[str] = field(default_factory=list)
     regions: RegionStats | None = None  # how Inductor compiled it, when by regions
+    whole_because: str = ""  # why Inductor compiled it whole though it has repeated layers (same code, slower)
 
     def compresses(self) -> bool:
         """Whether this graph evicts from the cache at any layer."""

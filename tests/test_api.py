@@ -255,12 +255,16 @@ warnings.simplefilter("ignore")
 methods = json.loads(sys.argv[1])
 first = sys.argv[2] == "fallbacks-first"
 tiny = build("llava")
-if first:  # what a notebook did before: uncompiled runs, a StaticCache fallback, a pass that fails
+if first:  # what a notebook did before: uncompiled runs, a StaticCache, a pass that fails, another LLaVA
     with torch.no_grad():
         tiny.model.generate(**tiny.inputs, max_new_tokens=2, do_sample=False)
         static = mmkv_compile.compile(build("llava").model, "snapkv", 0.5)
         static.generate(**tiny.inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
         torch.compile(build("llama").model, backend="mmkv", options={"budget": 0.5})(**build("llama").inputs)
+        # another head size (attention scale) and prompt length, through the frame LLaVA's graph break resumes in
+        other = build("llava", hidden=96, text_after=14)
+        mmkv_compile.compile(other.model, "snapkv", 0.5, inductor=False).generate(
+            **other.inputs, max_new_tokens=2, do_sample=False)
 kept = {}
 for method in methods:
     model = mmkv_compile.compile(build("llava").model, method, 0.3, inductor=method in ("h2o", "look_m"))

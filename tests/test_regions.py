@@ -5,6 +5,7 @@ sound (checked on hand-built graphs over a shape environment of their own)."""
 from __future__ import annotations
 
 import operator
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 import mmkv_compile
+from mmkv_compile import MMKVWarning
 from mmkv_compile.api import compiled_reports
 from mmkv_compile.backend import MMKVBackend
 from mmkv_compile.config import CompressionConfig
@@ -42,10 +44,33 @@ def test_regions_compile_what_the_graph_computes(family, method):
     for layer, expected in zip(cache.mmkv_layers, expected_cache.mmkv_layers, strict=True):
         assert torch.equal(layer.positions, expected.positions)
     reports = {report.phase: report for report in compiled_reports(model) if report.regions is not None}
-    assert {PREFILL, DECODE} <= set(reports)  # (a vision tower's graph may be split too: transformers 5.2)
+    whole = [(r.phase, r.whole_because) for r in compiled_reports(model) if r.whole_because]
+    assert {PREFILL, DECODE} <= set(reports), whole  # (a vision tower's graph may be split too: transformers 5.2)
     assert reports[DECODE].regions.reused >= LAYERS - 2  # layers 1.. share a function (layer 0 may differ)
     operators = sum(1 for s in reports[PREFILL].sites if s.rewritten)  # at least one operator per rewritten layer
     assert reports[PREFILL].regions.operators >= operators
+
+
+def test_a_prompt_graph_for_any_length_compiles_by_regions():
+    """A second prompt length makes Dynamo compile the prompt graph for any length. MadaKV's per-layer budgets
+    then give kept lengths bounded by a symbolic length: Inductor still compiles the graph by regions, with no
+    warning, and decoding stays in place, with the reference's tokens and kept slots."""
+    model = mmkv_compile.compile(build("llava", layers=LAYERS).model, "madakv", 0.5)
+    generate(model, build("llava", layers=LAYERS).inputs, 2)
+    longer = build("llava", layers=LAYERS, text_after=16).inputs
+    reference = mmkv_compile.apply_eagerly(build("llava", layers=LAYERS).model, "madakv", 0.5)
+    expected_tokens, _, expected_cache = generate(reference, longer, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens, _, cache = generate(model, longer, 3)
+    assert not [str(w.message) for w in caught if issubclass(w.category, MMKVWarning)]
+    assert torch.equal(tokens, expected_tokens)
+    for layer, expected in zip(cache.mmkv_layers, expected_cache.mmkv_layers, strict=True):
+        assert torch.equal(layer.positions, expected.positions)
+        assert layer.buffers is not None
+    # (in a process that compiled LLaVA before, the first prompt graph may already be the one for any length)
+    prompts = [report for report in compiled_reports(model) if report.phase == PREFILL]
+    assert prompts and all(report.regions is not None and not report.warnings for report in prompts)
 
 
 def test_each_mmkv_operator_is_a_region_of_its_own():
