@@ -8,7 +8,7 @@ import itertools
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from mmkv_compile.backend import MMKVBackend
 from mmkv_compile.cache import CAPACITY_CHUNK, MMKVCache, MMKVLayer
@@ -53,16 +53,32 @@ def _remove_output_hooks(model: torch.nn.Module, submodels: list) -> None:
         module.__dict__.pop("_output_capturing_hooks_installed", None)
 
 
+def _static_room(cache: Any, new_len: int | None) -> int | None:
+    """Slots an empty ``StaticCache`` holds beyond this call's tokens: what generate will still append."""
+    lengths = [getattr(layer, "max_cache_len", None) for layer in getattr(cache, "layers", ())]
+    longest = max((n for n in lengths if isinstance(n, int)), default=None)
+    return None if longest is None or new_len is None else max(longest - new_len, 1)
+
+
 def prepare_call(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Before a forward call: give it an :class:`MMKVCache` (replacing an empty ``DynamicCache``, as
-    ``generate`` creates one) under the name the model's forward takes it (``cache`` or
-    ``past_key_values``), and tell the cache the modality labels of the tokens it will append."""
+    """Before a forward call: give it an :class:`MMKVCache` under the name the model's forward takes it
+    (``cache`` or ``past_key_values``), and tell the cache the modality labels of the tokens it will append.
+
+    An empty ``DynamicCache`` (what ``generate`` creates) is replaced. So is an empty ``StaticCache``
+    (``cache_implementation="static"``): fixed-size buffers cannot shrink, so the call gets an MMKVCache of fixed
+    capacity instead, whose decode steps write in place into buffers sized once for what the StaticCache would
+    have held beyond the prompt (static decode shapes, as a StaticCache gives)."""
     if kwargs.get("use_cache") is False:
         return kwargs
     cache = pop_cache(kwargs)
     heads = head_group(model)
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    new_len = input_ids.shape[-1] if input_ids is not None else (embeds.shape[1] if embeds is not None else None)
     if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
         cache = MMKVCache(model.config, heads=heads)
+    elif isinstance(cache, StaticCache) and cache.get_seq_length() == 0:
+        cache = MMKVCache(model.config, heads=heads, room=_static_room(cache, new_len))
     elif isinstance(cache, MMKVCache) and cache.heads != heads:
         raise ValueError(
             f"the model's KV heads are split over process group {heads!r} (tensor parallelism) but the MMKVCache "
@@ -71,10 +87,7 @@ def prepare_call(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) ->
         )
     kwargs[cache_argument(model)] = cache
     if isinstance(cache, MMKVCache):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
         type_ids = kwargs.get("mm_token_type_ids")
-        new_len = input_ids.shape[-1] if input_ids is not None else (embeds.shape[1] if embeds is not None else None)
         if type_ids is not None and type_ids.shape[-1] != new_len:
             type_ids = None  # generate keeps the prompt's type ids around while decoding
         cache.observe(input_ids, kwargs.get("attention_mask"), type_ids, embeds)
@@ -164,7 +177,7 @@ class CompiledForward:
         phase = DECODE if isinstance(cache, MMKVCache) and cache.get_seq_length() > 0 else PREFILL
         in_place = phase == DECODE and cache.incoming_labels is not None and self._decodes_in_place()
         if in_place:
-            cache.reserve(cache.incoming_labels.shape[-1], room=self.new_tokens or CAPACITY_CHUNK)
+            cache.reserve(cache.incoming_labels.shape[-1], room=cache.room or self.new_tokens or CAPACITY_CHUNK)
         compiled_before = len(self.reports)
         with _floats_constant(), _decode_lengths_dynamic(kwargs) if phase == DECODE else contextlib.nullcontext():
             out = self.compiled(*args, **kwargs)
@@ -212,6 +225,20 @@ class CompiledForward:
         self.backend.warner.warn(why + "; this step is not compressed", stacklevel=4)
 
 
+# generate's cache_implementation values for a StaticCache (the last three are its deprecated names); the offloaded
+# ones keep their StaticCache, left alone with a warning.
+FIXED_SIZE_CACHES = ("static", "sliding_window", "hybrid", "hybrid_chunked")
+
+
+def _first_set(*names: str, kwargs: dict[str, Any], config) -> Any:
+    """The first of ``names`` set in generate's keyword arguments or, failing that, in its generation config."""
+    for name in names:
+        value = kwargs.get(name, getattr(config, name, None))
+        if value is not None:
+            return value
+    return None
+
+
 class CompiledGenerate:
     """A compiled model's ``generate``: tells its :class:`CompiledForward` how many tokens the call may append,
     so the capacity buffers are sized once for the whole generation."""
@@ -224,10 +251,34 @@ class CompiledGenerate:
     def __call__(self, *args, **kwargs):
         config = kwargs.get("generation_config") or self.model.generation_config
         self.forward.new_tokens = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+        self._replace_static_cache(args, kwargs, config)
+        # With a StaticCache on a GPU, generate would wrap the forward in a torch.compile of its own, whose trace
+        # runs through this compiled forward without reaching the mmkv backend.
+        kwargs.setdefault("disable_compile", True)
         try:
             return self.original(*args, **kwargs)
         finally:
             self.forward.new_tokens = None
+
+    def _replace_static_cache(self, args: tuple, kwargs: dict[str, Any], config) -> None:
+        """Give generate an MMKVCache of fixed capacity where it would use an empty StaticCache (its own, from
+        ``cache_implementation="static"``, or one passed in): for a StaticCache, generate also builds masks sized
+        to its fixed length, so the cache is replaced before generate sees it (see :func:`prepare_call`)."""
+        cache = call_cache(kwargs)
+        implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
+        ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        embeds = kwargs.get("inputs_embeds")
+        prompt = ids.shape[-1] if ids is not None else (embeds.shape[1] if embeds is not None else None)
+        if cache is None and implementation in FIXED_SIZE_CACHES:
+            max_length = _first_set("max_cache_len", "max_length", kwargs=kwargs, config=config)
+            room = self.forward.new_tokens or (max_length - prompt if max_length and prompt else None)
+        elif isinstance(cache, StaticCache) and cache.get_seq_length() == 0:
+            room = _static_room(cache, prompt)
+        else:
+            return
+        pop_cache(kwargs)
+        kwargs["cache_implementation"] = None
+        kwargs[cache_argument(self.model)] = MMKVCache(self.model.config, heads=head_group(self.model), room=room)
 
 
 def compile(

@@ -220,12 +220,16 @@ class MMKVCache(Cache):
     ``heads``: under tensor parallelism, the process group the model's KV heads are split over
     (``mmkv_compile.compat.head_group(model)``; the compiled routes pass it), else "".
 
+    ``room``: the unused slots capacity buffers get when first allocated, for a cache of fixed capacity (the
+    compiled route sets it when it replaces a ``StaticCache``); None lets the compiled route choose.
+
     ``pending`` holds the eager reference path's unfinished cross-layer schedule during one forward call.
     """
 
-    def __init__(self, config=None, heads: str = "", **kwargs):
+    def __init__(self, config=None, heads: str = "", room: int | None = None, **kwargs):
         decoder = _decoder_config(config)
         self.heads = heads
+        self.room = room
         layers = _layers_from_config(decoder, heads) if decoder is not None else None
         self.num_decoder_layers: int | None = getattr(decoder, "num_hidden_layers", None)
         if layers is None:

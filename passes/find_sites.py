@@ -72,9 +72,10 @@ OTHER_LAYER_REASON = (
     "and mask for it, so mmkv leaves it uncompressed (the other layers of this graph are compressed)"
 )
 STATIC_CACHE_REASON = (
-    "K/V come from a StaticCache: fixed-size buffers written in place cannot shrink, so mmkv compiles the "
-    "model unchanged (let generate create its default cache, or pass mmkv_compile.MMKVCache(model.config), "
-    "to compress)"
+    "K/V come from a StaticCache that was not replaced (it already held tokens, or the call did not go through "
+    "mmkv_compile.compile): fixed-size buffers written in place cannot shrink, so mmkv compiles the model "
+    'unchanged (mmkv_compile.compile gives generate(cache_implementation="static") an MMKVCache of fixed '
+    "capacity; or pass mmkv_compile.MMKVCache(model.config))"
 )
 
 

@@ -205,3 +205,27 @@ def test_a_generate_of_another_length_compiles_nothing_new():
     _, _, cache = generate(model, tiny.inputs, 12)
     assert _frames() == before
     assert cache.mmkv_layers[0].buffers.keys.shape[2] == cache.mmkv_layers[0].filled + 1
+
+
+def test_static_cache_generate_decodes_in_buffers_sized_from_its_length(references):
+    """generate(cache_implementation="static") with ``max_length`` (no ``max_new_tokens``): the StaticCache is
+    replaced by a fixed-capacity MMKVCache whose buffers take their room from the StaticCache's length, once;
+    tokens, logits and cache are the reference's."""
+    inputs = build("llava").inputs
+    prompt = inputs["input_ids"].shape[1]
+    model = mmkv_compile.compile(build("llava").model, "snapkv", 0.5, inductor=False)
+    assert model.generation_config.max_new_tokens is None
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_length=prompt + STEPS, min_length=prompt + STEPS, do_sample=False,
+            cache_implementation="static", return_dict_in_generate=True, output_logits=True,
+        )  # fmt: skip
+    ref_tokens, ref_logits, ref_cache = references("llava", "snapkv", 0.5)
+    assert torch.equal(out.sequences[:, prompt:], ref_tokens)
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), ref_logits, atol=1e-4, rtol=0)
+    cache = output_cache(out)
+    _same_cache(cache, ref_cache)
+    for layer in cache.mmkv_layers:
+        held_after_prompt = layer.filled - (STEPS - 1)  # generate appends every new token but the last
+        room = layer.buffers.keys.shape[2] - held_after_prompt
+        assert STEPS - 1 <= room <= STEPS  # the StaticCache's room, allocated once (a CAPACITY_CHUNK is 256)

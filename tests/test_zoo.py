@@ -61,30 +61,72 @@ def test_family(name, attn):
 
 
 @pytest.mark.parametrize("name", ["llava", "gemma3"])
-def test_static_cache_compiles_unchanged_with_one_warning(name):
-    """generate(cache_implementation="static"): a fixed-size cache cannot shrink, so the model compiles
-    unchanged, outputs equal the uncompiled model's, and exactly one MMKVWarning says why."""
+def test_static_cache_compresses_as_the_default_cache(name):
+    """generate(cache_implementation="static") gets an MMKVCache of fixed capacity: the same tokens, logits and
+    kept slots as with generate's default cache, every decoder layer rewritten (gemma3: sliding-window layers
+    too), the cache physically shrunk, and no warning."""
     row = run_case(_family(name), "sdpa", "static", raise_errors=True, steps=TEST_STEPS)
     assert row.identity == (True, True)
-    assert len(row.warnings) == 1 and "StaticCache" in row.warnings[0] and "cannot shrink" in row.warnings[0]
-    assert row.prefill.rewritten == 0 and row.prefill.found >= 2
+    assert row.warnings == [] and row.label_errors == []
+    assert row.prefill.rewritten == row.prefill.found >= 2 and row.decode.rewritten == row.decode.found
+    physical, logical = row.kept
+    assert physical < logical
 
 
-def test_user_passed_static_cache_is_left_alone():
+def _prompt_halves(zoo):
+    ids, mask = zoo.inputs["input_ids"], zoo.inputs["attention_mask"]
+    half = ids.shape[1] // 2
+    return (ids[:, :half], mask[:, :half]), (ids[:, half:], mask)
+
+
+def test_a_static_cache_holding_tokens_is_left_alone_with_one_warning():
+    """A StaticCache the caller already filled cannot be replaced: the compiled model writes into it unchanged,
+    gives the uncompiled model's logits, and says why once."""
     family = _family("llama")
     reference, compiled = family.build("sdpa"), family.build("sdpa")
     mmkv_compile.compile(compiled.model, "snapkv", 0.5, inductor=False)
-    length = compiled.inputs["input_ids"].shape[1] + 4
+    (first_ids, first_mask), (rest_ids, mask) = _prompt_halves(reference)
+    length = reference.inputs["input_ids"].shape[1] + 4
     outs = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for zoo in (reference, compiled):
             cache = StaticCache(config=zoo.model.config, max_cache_len=length)
             with torch.no_grad():
-                outs.append(zoo.model(**zoo.inputs, past_key_values=cache, use_cache=True).logits)
+                zoo.model.__class__.forward(zoo.model, input_ids=first_ids, attention_mask=first_mask,
+                                            past_key_values=cache, use_cache=True)  # fmt: skip
+                outs.append(zoo.model(input_ids=rest_ids, attention_mask=mask, past_key_values=cache).logits)
     ours = [str(w.message) for w in caught if issubclass(w.category, MMKVWarning)]
-    assert len(ours) == 1 and "StaticCache" in ours[0]
+    assert len(ours) == 1 and "StaticCache" in ours[0] and "already held tokens" in ours[0]
     torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=0)
+
+
+def test_an_empty_static_cache_passed_by_hand_becomes_a_fixed_capacity_mmkv_cache():
+    """An empty StaticCache passed to the compiled forward: the prompt is compressed, and decode steps write in
+    place into buffers sized once from the StaticCache's length (the kept slots plus what it had room for)."""
+    from mmkv_compile import MMKVCache
+    from mmkv_compile.compat import output_cache
+
+    family = _family("llama")
+    zoo = family.build("sdpa")
+    mmkv_compile.compile(zoo.model, "snapkv", 0.5, inductor=False)
+    ids, mask = zoo.inputs["input_ids"], zoo.inputs["attention_mask"]
+    room = 5
+    cache = StaticCache(config=zoo.model.config, max_cache_len=ids.shape[1] + room)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        out = zoo.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache = output_cache(out)
+        assert isinstance(cache, MMKVCache) and cache.is_compressed()
+        kept = [layer.get_physical_length() for layer in cache.mmkv_layers]
+        for _ in range(3):
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            out = zoo.model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+    assert not [w for w in caught if issubclass(w.category, MMKVWarning)]
+    for layer, held in zip(cache.mmkv_layers, kept, strict=True):
+        assert layer.buffers is not None and layer.buffers.keys.shape[2] == held + room
+        assert layer.filled == held + 3
 
 
 def test_attention_the_passes_do_not_understand_compiles_unchanged_with_one_warning(monkeypatch):
