@@ -53,11 +53,20 @@ def _remove_output_hooks(model: torch.nn.Module, submodels: list) -> None:
         module.__dict__.pop("_output_capturing_hooks_installed", None)
 
 
-def _static_room(cache: Any, new_len: int | None) -> int | None:
-    """Slots an empty ``StaticCache`` holds beyond this call's tokens: what generate will still append."""
+def _length(input_ids: torch.Tensor | None, embeds: torch.Tensor | None) -> int | None:
+    """How many tokens a call with these inputs appends."""
+    return input_ids.shape[-1] if input_ids is not None else (embeds.shape[1] if embeds is not None else None)
+
+
+def _room_after(prompt: int | None, capacity: int | None) -> int | None:
+    """Slots a cache of ``capacity`` has beyond a ``prompt``: what generate will still append."""
+    return None if capacity is None or prompt is None else max(capacity - prompt, 1)
+
+
+def _static_capacity(cache: Any) -> int | None:
+    """The longest of a ``StaticCache``'s fixed layer lengths."""
     lengths = [getattr(layer, "max_cache_len", None) for layer in getattr(cache, "layers", ())]
-    longest = max((n for n in lengths if isinstance(n, int)), default=None)
-    return None if longest is None or new_len is None else max(longest - new_len, 1)
+    return max((n for n in lengths if isinstance(n, int)), default=None)
 
 
 def prepare_call(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -74,11 +83,11 @@ def prepare_call(model: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) ->
     heads = head_group(model)
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     embeds = kwargs.get("inputs_embeds")
-    new_len = input_ids.shape[-1] if input_ids is not None else (embeds.shape[1] if embeds is not None else None)
+    new_len = _length(input_ids, embeds)
     if cache is None or (type(cache) is DynamicCache and cache.get_seq_length() == 0):
         cache = MMKVCache(model.config, heads=heads)
     elif isinstance(cache, StaticCache) and cache.get_seq_length() == 0:
-        cache = MMKVCache(model.config, heads=heads, room=_static_room(cache, new_len))
+        cache = MMKVCache(model.config, heads=heads, room=_room_after(new_len, _static_capacity(cache)))
     elif isinstance(cache, MMKVCache) and cache.heads != heads:
         raise ValueError(
             f"the model's KV heads are split over process group {heads!r} (tensor parallelism) but the MMKVCache "
@@ -267,13 +276,12 @@ class CompiledGenerate:
         cache = call_cache(kwargs)
         implementation = kwargs.get("cache_implementation", getattr(config, "cache_implementation", None))
         ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-        embeds = kwargs.get("inputs_embeds")
-        prompt = ids.shape[-1] if ids is not None else (embeds.shape[1] if embeds is not None else None)
+        prompt = _length(ids, kwargs.get("inputs_embeds"))
         if cache is None and implementation in FIXED_SIZE_CACHES:
             max_length = _first_set("max_cache_len", "max_length", kwargs=kwargs, config=config)
-            room = self.forward.new_tokens or (max_length - prompt if max_length and prompt else None)
+            room = self.forward.new_tokens or _room_after(prompt, max_length)
         elif isinstance(cache, StaticCache) and cache.get_seq_length() == 0:
-            room = _static_room(cache, prompt)
+            room = _room_after(prompt, _static_capacity(cache))
         else:
             return
         pop_cache(kwargs)

@@ -30,6 +30,7 @@ from mmkv_compile.passes.graph_utils import (
     is_view,
     layer_index,
     module_path,
+    sdpa_arguments,
     strip_casts,
     strip_views,
 )
@@ -263,13 +264,11 @@ def _eager_site(softmax: fx.Node) -> dict | None:
 
 
 def _sdpa_scaling(node: fx.Node) -> float | None:
-    scale = node.kwargs.get("scale")
-    if scale is None and len(node.args) > 6:
-        scale = node.args[6]
-    if scale is None:
-        query = example_value(node.args[0])
+    args = sdpa_arguments(node)
+    if args["scale"] is None:
+        query = example_value(args["query"])
         return 1.0 / math.sqrt(query.shape[-1]) if query is not None else None
-    return _constant(scale)
+    return _constant(args["scale"])
 
 
 class FindAttentionSites(GraphPass):

@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from mmkv_compile.masks import slot_attention_mask
 from mmkv_compile.passes.find_sites import Decision, cache_layer_info, is_prefill, step_slots
-from mmkv_compile.passes.graph_utils import example_value, mark_cacheable, prune_orphans
+from mmkv_compile.passes.graph_utils import example_value, mark_cacheable, prune_orphans, sdpa_arguments
 from mmkv_compile.passes.insert_op import state_fields
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
 
@@ -61,14 +61,10 @@ class RewriteAttentionMasks(GraphPass):
     @staticmethod
     def _sdpa(gm: fx.GraphModule, site, mask: fx.Node) -> None:
         anchor = site.anchor
-        old = anchor.kwargs.get("attn_mask", anchor.args[3] if len(anchor.args) > 3 else None)
-        args = list(anchor.args[:3]) + [mask] + list(anchor.args[4:])
-        kwargs = {k: v for k, v in anchor.kwargs.items() if k != "attn_mask"}
-        if len(args) > 5:
-            args[5] = False
-        else:
-            kwargs["is_causal"] = False
-        anchor.args, anchor.kwargs = tuple(args), kwargs
+        args = sdpa_arguments(anchor)
+        old = args["attn_mask"]
+        anchor.args = (args.pop("query"), args.pop("key"), args.pop("value"))
+        anchor.kwargs = {**args, "attn_mask": mask, "is_causal": False}
         prune_orphans(gm.graph, [old])
 
     @staticmethod

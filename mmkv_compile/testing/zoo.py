@@ -568,6 +568,12 @@ class Row:
     seconds: float = 0.0
 
 
+def first_layer_slots(cache) -> tuple[int, int] | None:
+    """Physical and logical slots of the cache's first compressed layer, or None when it has none."""
+    layer = cache.mmkv_layers[0] if cache.mmkv_layers else None
+    return (layer.get_physical_length(), layer.get_seq_length()) if layer is not None else None
+
+
 def _mmkv_warnings(caught) -> list[str]:
     from mmkv_compile.backend import MMKVWarning
 
@@ -602,8 +608,7 @@ def run_dynamic(family: Family, attn: str, steps: int = STEPS) -> Row:
         _, _, cache = generate(compressed.model, compressed.inputs, steps)
     reports = mmkv_compile.compiled_reports(compressed.model)
     row.prefill, row.decode = phase_sites(reports, "prefill"), phase_sites(reports, "decode")
-    layer = cache.mmkv_layers[0] if cache.mmkv_layers else None
-    row.kept = (layer.get_physical_length(), layer.get_seq_length()) if layer is not None else None
+    row.kept = first_layer_slots(cache)
     row.label_errors = label_errors(compressed, cache)
     if row.label_errors:
         row.labels += " WRONG AFTER EVICTION: " + "; ".join(row.label_errors)
@@ -633,8 +638,7 @@ def run_static(family: Family, attn: str, steps: int = STEPS) -> Row:
     reports = mmkv_compile.compiled_reports(static.model)
     row.prefill, row.decode = phase_sites(reports, "prefill"), phase_sites(reports, "decode")
     row.window_layers = window_layers(static.model)
-    layer = out[2].mmkv_layers[0] if out[2].mmkv_layers else None
-    row.kept = (layer.get_physical_length(), layer.get_seq_length()) if layer is not None else None
+    row.kept = first_layer_slots(out[2])
     row.label_errors = label_errors(static, out[2])
     row.labels = "WRONG AFTER EVICTION: " + "; ".join(row.label_errors) if row.label_errors else "-"
     row.warnings = _mmkv_warnings(caught)
