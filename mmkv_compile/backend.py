@@ -30,6 +30,7 @@ from mmkv_compile.passes.find_sites import (
     is_prefill,
     writes_in_place,
 )
+from mmkv_compile.passes.graph_utils import example_value
 from mmkv_compile.passes.grouped_query_attention import GroupedQueryDecodeAttention
 from mmkv_compile.passes.insert_op import InsertScoreEvictMerge
 from mmkv_compile.passes.lower_cache_writes import LowerCacheWrites
@@ -157,7 +158,7 @@ class MMKVBackend:
         from torch._inductor.compile_fx import compile_fx
 
         patches = list_mode_options(mode) if mode and mode != "default" else {}
-        if report.phase == DECODE and all(_on_cpu(x) for x in example_inputs):
+        if report.phase == DECODE and all(_on_cpu(x) for x in example_inputs) and not _symbolic_operator_float(gm):
             # A decode step launches hundreds of small kernels; called from Inductor's C++ wrapper instead of its
             # Python one, SmolLM2 decoded about 5% faster on this project's CPU (docs/benchmarks.md).
             patches = {"cpp_wrapper": True, **patches}
@@ -182,6 +183,19 @@ class MMKVBackend:
             report.warnings.append(message)
             self.warner.warn(message, stacklevel=5)
             return gm.forward
+
+
+def _symbolic_operator_float(gm: fx.GraphModule) -> bool:
+    """Whether an mmkv operator reads a float Dynamo traced as a symbol (an attention scale, ``find_sites``).
+
+    Inductor's C++ wrapper (torch 2.13) calls such an operator through a boxed path that writes string arguments
+    into C++ unescaped, so the operator's policy string would not compile; the Python wrapper handles it."""
+    return any(
+        node.op == "call_function"
+        and getattr(node.target, "namespace", None) == "mmkv"
+        and any(isinstance(example_value(arg), torch.SymFloat) for arg in node.all_input_nodes)
+        for node in gm.graph.nodes
+    )
 
 
 def _on_cpu(value) -> bool:

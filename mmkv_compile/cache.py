@@ -208,6 +208,15 @@ class MMKVLayer(CacheLayerMixin):
                 state.values.nbytes, "reserved": allocated - held}  # fmt: skip
 
 
+UNCOMPILED_UPDATE = (
+    "layer {layer} of this MMKVCache holds a compressed state, but this call updated it outside a graph the mmkv "
+    "backend compiled: Dynamo ran the call eagerly (TORCH_LOGS=recompiles says why; models compiled one after "
+    "another share transformers' forward frames, whose recompile_limit is spent after a few: pass "
+    "isolate_recompiles=True to torch.compile, or use mmkv_compile.compile). Uncompiled attention would read the "
+    "kept slots as the whole past, without the method's masks and merged state"
+)
+
+
 class MMKVCache(Cache):
     """A cache for ``mmkv_compile``: one :class:`MMKVLayer` per full-attention or sliding-window decoder layer
     (transformers' own layer for any other type), plus the labels of the tokens the next forward call appends
@@ -223,7 +232,8 @@ class MMKVCache(Cache):
     ``room``: the unused slots capacity buffers get when first allocated, for a cache of fixed capacity (the
     compiled route sets it when it replaces a ``StaticCache``); None lets the compiled route choose.
 
-    ``pending`` holds the eager reference path's unfinished cross-layer schedule during one forward call.
+    ``pending`` holds the eager reference path's unfinished cross-layer schedule during one forward call;
+    ``compresses_eagerly`` says that path (``apply_eagerly``) drives the cache, so uncompiled updates are expected.
     """
 
     def __init__(self, config=None, heads: str = "", room: int | None = None, **kwargs):
@@ -239,6 +249,7 @@ class MMKVCache(Cache):
         self.token_ids = modality_token_ids(config) if config is not None else {}
         self.incoming_labels: torch.Tensor | None = None
         self.pending: Any = None
+        self.compresses_eagerly = False
 
     def observe(
         self,
@@ -262,6 +273,8 @@ class MMKVCache(Cache):
             self.layers.append(MMKVLayer(rank=index, count=self.num_decoder_layers or index + 1, heads=self.heads))
         layer = self.layers[layer_idx]
         if isinstance(layer, MMKVLayer):
+            if not torch.compiler.is_compiling() and not self.compresses_eagerly and layer.is_compressed():
+                raise RuntimeError(UNCOMPILED_UPDATE.format(layer=layer_idx))
             return layer.update(key_states, value_states, labels=self.incoming_labels)
         return layer.update(key_states, value_states, *args, **kwargs)
 

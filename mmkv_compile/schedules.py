@@ -69,7 +69,7 @@ class LayerStep:
     placement: LayerPlacement  # the layer's rank among the compressed layers, their count, its window
     query: Any  # the step's queries [B, Hq, Lq, D]
     state: SlotState  # the layer's full state after this step's append
-    scaling: float
+    scaling: Any  # a float; in a graph, the node of a float Dynamo traced as a symbol
     prefill: bool
     owner: Any = None  # where the caller stores the kept state (an attention site, a cache layer)
 
@@ -96,7 +96,7 @@ class Schedule:
     def compress(self, emit: Emitter, step: LayerStep, query=None, **budgets) -> SlotState:
         """The operator on one layer's state."""
         query = step.query if query is None else query
-        out = emit.op(ops.SCORE_EVICT_MERGE, query, *step.state, float(step.scaling), self.layer_policy(step),
+        out = emit.op(ops.SCORE_EVICT_MERGE, query, *step.state, step.scaling, self.layer_policy(step),
                       step.prefill, **budgets)  # fmt: skip
         return SlotState(*(emit.item(out, i) for i in range(len(SlotState._fields))))
 
@@ -140,7 +140,7 @@ class Allocated(TwoPhase):
 
     def signal(self, emit: Emitter, step: LayerStep, query) -> Any:
         state = step.state
-        return emit.op(ops.LAYER_SIGNAL, query, state.keys, state.labels, state.positions, float(step.scaling),
+        return emit.op(ops.LAYER_SIGNAL, query, state.keys, state.labels, state.positions, step.scaling,
                        self.policy.budget.layer_signal, step.placement.to_string())  # fmt: skip
 
     def allocate(self, emit: Emitter, signals: list) -> Any:
@@ -154,7 +154,7 @@ class Compensated(TwoPhase):
 
     def signal(self, emit: Emitter, step: LayerStep, query) -> Any:
         state = step.state
-        return emit.op(ops.HEAD_DEMAND, query, state.keys, state.labels, state.positions, float(step.scaling),
+        return emit.op(ops.HEAD_DEMAND, query, state.keys, state.labels, state.positions, step.scaling,
                        self.layer_policy(step))  # fmt: skip
 
     def allocate(self, emit: Emitter, signals: list) -> Any:

@@ -93,7 +93,7 @@ class AttentionSite:
     value: fx.Node
     cache: CacheKind
     state: fx.Node | None = None  # the mmkv.cache_append (or mmkv.cache_write) node
-    scaling: float | None = None
+    scaling: float | fx.Node | None = None  # a node where Dynamo traced the scale as a symbolic float
     gqa_groups: int = 1
     mask_add: tuple[fx.Node, int] | None = None  # eager: the add that applies the mask, and the mask's arg index
     logits_use: tuple[fx.Node, int] | None = None  # eager: where the scaled logits are consumed
@@ -193,9 +193,21 @@ def _constant(value) -> float | None:
     return float(value) if isinstance(value, numbers.Number) and not isinstance(value, bool) else None
 
 
-def _logits_root(node: object) -> tuple[fx.Node | None, float | None]:
-    """Walk back from attention logits over casts and constant mul/div to the q @ k^T matmul."""
-    scale = 1.0
+def _symbolic_float(value) -> fx.Node | None:
+    """A node computing a Python float Dynamo traced as a symbol (``Sym(...)``), not a constant.
+
+    Dynamo makes a float attribute such as an attention module's ``scaling`` symbolic when a code object it
+    compiled sees another value of it: transformers' attention code is shared by every model of a class, so
+    a second model with another head size in one process reaches it that way. The operator reads it at run time.
+    """
+    return value if isinstance(value, fx.Node) and isinstance(example_value(value), torch.SymFloat) else None
+
+
+def _logits_root(node: object) -> tuple[fx.Node | None, float | fx.Node | None]:
+    """Walk back from attention logits over casts and constant mul/div to the q @ k^T matmul.
+
+    The scale is a float, or a symbolic float's node when that is the only factor (``q @ k^T * scaling``)."""
+    scale, symbolic = 1.0, None
     node = strip_casts(node)
     while isinstance(node, fx.Node) and (
         is_call(node, {operator.mul, torch.mul})
@@ -206,15 +218,21 @@ def _logits_root(node: object) -> tuple[fx.Node | None, float | None]:
             node = strip_casts(node.args[0])
             continue
         lhs, rhs = node.args[0], node.args[1]
-        factor = _constant(rhs) if isinstance(lhs, fx.Node) else _constant(lhs)
-        if factor is None:
-            return None, None
+        tensor, other = (lhs, rhs) if isinstance(lhs, fx.Node) and not _symbolic_float(lhs) else (rhs, lhs)
         divide = is_call(node, {operator.truediv, torch.div})
-        scale = scale / factor if divide else scale * factor
-        node = strip_casts(lhs if isinstance(lhs, fx.Node) else rhs)
-    if is_call(node, MATMUL_TARGETS):
+        factor = _constant(other)
+        if factor is not None:
+            scale = scale / factor if divide else scale * factor
+        elif _symbolic_float(other) is not None and symbolic is None and not divide:
+            symbolic = other
+        else:
+            return None, None
+        node = strip_casts(tensor)
+    if not is_call(node, MATMUL_TARGETS):
+        return None, None
+    if symbolic is None:
         return node, scale
-    return None, None
+    return node, symbolic if scale == 1.0 else None
 
 
 def _eager_site(softmax: fx.Node) -> dict | None:
@@ -263,12 +281,12 @@ def _eager_site(softmax: fx.Node) -> dict | None:
     }
 
 
-def _sdpa_scaling(node: fx.Node) -> float | None:
+def _sdpa_scaling(node: fx.Node) -> float | fx.Node | None:
     args = sdpa_arguments(node)
     if args["scale"] is None:
         query = example_value(args["query"])
         return 1.0 / math.sqrt(query.shape[-1]) if query is not None else None
-    return _constant(args["scale"])
+    return _constant(args["scale"]) if _symbolic_float(args["scale"]) is None else args["scale"]
 
 
 class FindAttentionSites(GraphPass):

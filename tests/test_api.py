@@ -299,3 +299,65 @@ def test_every_method_compresses_in_one_process_as_it_does_alone():
         together = together.result()
     for method in methods:
         assert together[method] == alone[method], method
+
+
+BACKEND_ROUTE = """
+import json, sys, warnings, torch
+from support import build
+import mmkv_compile
+from mmkv_compile.compat import output_cache
+warnings.simplefilter("always")
+attn, history = sys.argv[1], sys.argv[2]
+kept = {}
+# the tiny LLaVA first (unless alone), then one of another head size: transformers' attention code is shared,
+# so Dynamo traces the second one's attention scale as a symbolic float
+for name, sizes in [("first", {}), ("other", {"hidden": 96, "text_after": 14})][history == "alone":]:
+    built = build("llava", attn=attn, **sizes)
+    compiled = torch.compile(built.model, backend="mmkv", options={"method": "h2o", "budget": 0.5})
+    cache = mmkv_compile.MMKVCache(built.model.config)
+    with torch.no_grad():
+        out = compiled(**built.inputs, past_key_values=cache, use_cache=True)
+        step = compiled(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=output_cache(out), use_cache=True)
+    layers = output_cache(step).mmkv_layers
+    kept[name] = {"positions": [layer.positions[0].tolist() for layer in layers], "logits": step.logits[0, -1].tolist()}
+print(json.dumps(kept))
+"""
+
+
+def _backend_route_kept(attn: str, history: str) -> tuple[dict, str]:
+    result = subprocess.run(
+        [sys.executable, "-c", BACKEND_ROUTE, attn, history], capture_output=True, text=True, timeout=1500,
+        cwd=os.path.dirname(__file__), env={k: v for k, v in os.environ.items() if not k.startswith("TRITON")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_the_backend_route_compresses_a_second_model_as_it_does_alone(attn):
+    """``torch.compile(model, backend="mmkv")`` on a LLaVA after one of another head size (its attention scale
+    then reaches the graph as a symbolic float) keeps the positions, and gives the logits, of a fresh process,
+    with Inductor compiling the prompt and the decode step, and no warning."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        (after, warned), (alone, _) = pool.map(lambda history: _backend_route_kept(attn, history), ["after", "alone"])
+    assert "MMKVWarning" not in warned, warned[-3000:]
+    other, fresh = after["other"], alone["other"]
+    assert other["positions"] == fresh["positions"]
+    assert len(fresh["positions"][0][0]) <= 36 // 2  # compressed: h2o keeps half of the 36-token prompt
+    torch.testing.assert_close(torch.tensor(other["logits"]), torch.tensor(fresh["logits"]), rtol=1e-4, atol=1e-4)
+
+
+def test_a_compressed_cache_refuses_a_step_dynamo_ran_eagerly():
+    """When Dynamo runs a call eagerly (here: the torch.compile call's recompile_limit is spent by the prompt
+    graph), the compressed cache stops the step instead of letting uncompiled attention read its kept slots."""
+    built = build("llama")
+    compiled = torch.compile(
+        built.model, backend="mmkv", options={"method": "snapkv", "budget": 0.5, "inductor": False},
+        recompile_limit=1, isolate_recompiles=True,
+    )  # fmt: skip
+    cache = MMKVCache(built.model.config)
+    with torch.no_grad():
+        out = compiled(**built.inputs, past_key_values=cache, use_cache=True)
+        assert cache.is_compressed()
+        with pytest.raises(RuntimeError, match="outside a graph the mmkv backend compiled.*isolate_recompiles"):
+            compiled(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
