@@ -405,7 +405,6 @@ def apply_eagerly(model: torch.nn.Module, method: str = "snapkv", budget: float 
         kwargs = prepare_call(model, args, kwargs)
         cache = call_cache(kwargs)
         cache.pending = None  # a step that failed half-way leaves no schedule behind
-        cache.compresses_eagerly = True
         return original(*args, mmkv_cache=cache, mmkv_policy=policy, **kwargs)
 
     model.forward = forward

@@ -38,6 +38,15 @@ CAPACITY_CHUNK = 256
 FULL, SLIDING = "full_attention", "sliding_attention"
 
 
+UNCOMPILED_UPDATE = (
+    "compressed layer {rank} of this MMKVCache holds what a graph the mmkv backend compiled kept, but this call "
+    "updated it outside such a graph: Dynamo ran the call eagerly (TORCH_LOGS=recompiles says why; models compiled "
+    "one after another share transformers' forward frames, whose recompile_limit is spent after a few: pass "
+    "isolate_recompiles=True to torch.compile, or use mmkv_compile.compile). Uncompiled attention would read the "
+    "kept slots without the method's masks and merged state"
+)
+
+
 class MMKVLayer(CacheLayerMixin):
     """One layer's compressed cache: a :class:`~mmkv_compile.state.SlotState` of ``[B, Hkv, S, ...]`` tensors.
 
@@ -62,6 +71,8 @@ class MMKVLayer(CacheLayerMixin):
         # Capacity buffers and the slots they hold (see MMKVCache.reserve); the fields above are views of them.
         self.buffers: SlotState | None = None
         self.filled = 0
+        # Set by every compiled graph that updates the layer: its state is then the mmkv backend's to keep.
+        self.written_by_graph = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, _ = key_states.shape
@@ -73,6 +84,16 @@ class MMKVLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, labels: torch.Tensor | None = None, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append a step's keys/values with their labels ``[B, L]`` (text when None); return the full state."""
+        if torch.compiler.is_compiling():
+            self.written_by_graph = True
+        elif self.buffers is not None:
+            raise RuntimeError(
+                "an MMKVCache with capacity buffers was updated outside a compiled graph (Dynamo ran the call "
+                "eagerly: TORCH_LOGS=recompiles says why); only the mmkv backend's rewritten masks hide the "
+                "buffers' unused slots, so the step would attend them"
+            )
+        elif self.written_by_graph and self.is_compressed():
+            raise RuntimeError(UNCOMPILED_UPDATE.format(rank=self.rank))
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, heads, num_new, _ = key_states.shape
@@ -85,12 +106,6 @@ class MMKVLayer(CacheLayerMixin):
         self.logical_length = self.logical_length + num_new
         if self.buffers is not None:
             # In place, and attention reads the whole buffers: the rewritten mask hides the unused slots.
-            if not torch.compiler.is_compiling():
-                raise RuntimeError(
-                    "an MMKVCache with capacity buffers was updated outside a compiled graph (Dynamo ran the call "
-                    "eagerly: TORCH_LOGS=recompiles says why); only the mmkv backend's rewritten masks hide the "
-                    "buffers' unused slots, so the step would attend them"
-                )
             if self.filled + num_new > self.buffers.keys.shape[2]:
                 raise RuntimeError(f"{num_new} new slots overflow layer {self.rank}'s capacity buffers: call reserve")
             ops.cache_write(self.buffers, new, self.filled, self.placement_text)
@@ -179,6 +194,7 @@ class MMKVLayer(CacheLayerMixin):
         self.set_state((None,) * len(STATE_FIELDS))
         self.logical_length = 0
         self.is_initialized = False
+        self.written_by_graph = False
 
     def _select_batch(self, fn) -> None:
         if self.is_initialized:
@@ -208,15 +224,6 @@ class MMKVLayer(CacheLayerMixin):
                 state.values.nbytes, "reserved": allocated - held}  # fmt: skip
 
 
-UNCOMPILED_UPDATE = (
-    "layer {layer} of this MMKVCache holds a compressed state, but this call updated it outside a graph the mmkv "
-    "backend compiled: Dynamo ran the call eagerly (TORCH_LOGS=recompiles says why; models compiled one after "
-    "another share transformers' forward frames, whose recompile_limit is spent after a few: pass "
-    "isolate_recompiles=True to torch.compile, or use mmkv_compile.compile). Uncompiled attention would read the "
-    "kept slots as the whole past, without the method's masks and merged state"
-)
-
-
 class MMKVCache(Cache):
     """A cache for ``mmkv_compile``: one :class:`MMKVLayer` per full-attention or sliding-window decoder layer
     (transformers' own layer for any other type), plus the labels of the tokens the next forward call appends
@@ -232,8 +239,7 @@ class MMKVCache(Cache):
     ``room``: the unused slots capacity buffers get when first allocated, for a cache of fixed capacity (the
     compiled route sets it when it replaces a ``StaticCache``); None lets the compiled route choose.
 
-    ``pending`` holds the eager reference path's unfinished cross-layer schedule during one forward call;
-    ``compresses_eagerly`` says that path (``apply_eagerly``) drives the cache, so uncompiled updates are expected.
+    ``pending`` holds the eager reference path's unfinished cross-layer schedule during one forward call.
     """
 
     def __init__(self, config=None, heads: str = "", room: int | None = None, **kwargs):
@@ -249,7 +255,6 @@ class MMKVCache(Cache):
         self.token_ids = modality_token_ids(config) if config is not None else {}
         self.incoming_labels: torch.Tensor | None = None
         self.pending: Any = None
-        self.compresses_eagerly = False
 
     def observe(
         self,
@@ -273,8 +278,6 @@ class MMKVCache(Cache):
             self.layers.append(MMKVLayer(rank=index, count=self.num_decoder_layers or index + 1, heads=self.heads))
         layer = self.layers[layer_idx]
         if isinstance(layer, MMKVLayer):
-            if not torch.compiler.is_compiling() and not self.compresses_eagerly and layer.is_compressed():
-                raise RuntimeError(UNCOMPILED_UPDATE.format(layer=layer_idx))
             return layer.update(key_states, value_states, labels=self.incoming_labels)
         return layer.update(key_states, value_states, *args, **kwargs)
 
