@@ -132,9 +132,10 @@ def _entry(forward):
 def _floats_constant():
     """Trace this model's Python floats (its attention scale) as constants. A graph break in the model's own code
     (LLaVA's placeholder check) resumes in a frame every model of that class shares, and Dynamo remembers what
-    changed there between models: after a LLaVA of another head size, the scale came in as a symbolic float, which
-    the passes cannot read, and the prompt graph compiled unchanged. Constant floats guard on their value
-    instead: each model compiles that frame with its own scale, as in a fresh process."""
+    changed there between models: after a LLaVA of another head size, the scale came in as a symbolic float. The
+    passes hand such a scale to the operator at run time (the route where mmkv does not call torch.compile), but
+    its decode graphs lose Inductor's C++ wrapper (``backend._symbolic_operator_float``). Constant floats guard
+    on their value instead: each model compiles that frame with its own scale, as in a fresh process."""
     with torch._dynamo.config.patch(specialize_float=True):
         yield
 

@@ -30,7 +30,7 @@ from mmkv_compile.passes.find_sites import (
     is_prefill,
     writes_in_place,
 )
-from mmkv_compile.passes.graph_utils import example_value
+from mmkv_compile.passes.graph_utils import symbolic_float
 from mmkv_compile.passes.grouped_query_attention import GroupedQueryDecodeAttention
 from mmkv_compile.passes.insert_op import InsertScoreEvictMerge
 from mmkv_compile.passes.lower_cache_writes import LowerCacheWrites
@@ -193,7 +193,7 @@ def _symbolic_operator_float(gm: fx.GraphModule) -> bool:
     return any(
         node.op == "call_function"
         and getattr(node.target, "namespace", None) == "mmkv"
-        and any(isinstance(example_value(arg), torch.SymFloat) for arg in node.all_input_nodes)
+        and any(symbolic_float(arg) is not None for arg in node.all_input_nodes)
         for node in gm.graph.nodes
     )
 

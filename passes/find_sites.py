@@ -33,6 +33,7 @@ from mmkv_compile.passes.graph_utils import (
     sdpa_arguments,
     strip_casts,
     strip_views,
+    symbolic_float,
 )
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
 from mmkv_compile.policy import LayerPlacement
@@ -193,16 +194,6 @@ def _constant(value) -> float | None:
     return float(value) if isinstance(value, numbers.Number) and not isinstance(value, bool) else None
 
 
-def _symbolic_float(value) -> fx.Node | None:
-    """A node computing a Python float Dynamo traced as a symbol (``Sym(...)``), not a constant.
-
-    Dynamo makes a float attribute such as an attention module's ``scaling`` symbolic when a code object it
-    compiled sees another value of it: transformers' attention code is shared by every model of a class, so
-    a second model with another head size in one process reaches it that way. The operator reads it at run time.
-    """
-    return value if isinstance(value, fx.Node) and isinstance(example_value(value), torch.SymFloat) else None
-
-
 def _logits_root(node: object) -> tuple[fx.Node | None, float | fx.Node | None]:
     """Walk back from attention logits over casts and constant mul/div to the q @ k^T matmul.
 
@@ -218,12 +209,12 @@ def _logits_root(node: object) -> tuple[fx.Node | None, float | fx.Node | None]:
             node = strip_casts(node.args[0])
             continue
         lhs, rhs = node.args[0], node.args[1]
-        tensor, other = (lhs, rhs) if isinstance(lhs, fx.Node) and not _symbolic_float(lhs) else (rhs, lhs)
+        tensor, other = (lhs, rhs) if isinstance(lhs, fx.Node) and symbolic_float(lhs) is None else (rhs, lhs)
         divide = is_call(node, {operator.truediv, torch.div})
         factor = _constant(other)
         if factor is not None:
             scale = scale / factor if divide else scale * factor
-        elif _symbolic_float(other) is not None and symbolic is None and not divide:
+        elif symbolic_float(other) is not None and symbolic is None and not divide:
             symbolic = other
         else:
             return None, None
@@ -286,7 +277,7 @@ def _sdpa_scaling(node: fx.Node) -> float | fx.Node | None:
     if args["scale"] is None:
         query = example_value(args["query"])
         return 1.0 / math.sqrt(query.shape[-1]) if query is not None else None
-    return _constant(args["scale"]) if _symbolic_float(args["scale"]) is None else args["scale"]
+    return _constant(args["scale"]) if symbolic_float(args["scale"]) is None else args["scale"]
 
 
 class FindAttentionSites(GraphPass):

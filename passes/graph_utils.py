@@ -78,6 +78,15 @@ def example_value(node: object):
     return node.meta.get("example_value") if isinstance(node, fx.Node) else None
 
 
+def symbolic_float(value: object) -> fx.Node | None:
+    """``value`` when it is a node computing a Python float Dynamo traced as a symbol (``Sym(...)``), else None.
+
+    Dynamo makes a float attribute such as an attention module's ``scaling`` symbolic when a code object it
+    compiled sees another value of it: transformers' attention code is shared by every model of a class, so a
+    second model with another head size in one process reaches it that way."""
+    return value if isinstance(value, fx.Node) and isinstance(example_value(value), torch.SymFloat) else None
+
+
 def sdpa_arguments(node: fx.Node) -> dict:
     """An SDPA call's arguments by name, defaults filled in."""
     return {**SDPA_DEFAULTS, **dict(zip(SDPA_PARAMETERS, node.args)), **node.kwargs}

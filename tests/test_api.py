@@ -275,14 +275,18 @@ print(json.dumps(kept))
 """
 
 
-def _kept(methods: list[str], fallbacks_first: bool) -> dict:
+def _run_script(script: str, *argv: str) -> tuple[dict, str]:
+    """Run ``script`` in a fresh process beside the tests: (the JSON its last line prints, its stderr)."""
     result = subprocess.run(
-        [sys.executable, "-c", ISOLATION, json.dumps(methods), "fallbacks-first" if fallbacks_first else "alone"],
-        capture_output=True, text=True, timeout=1500, cwd=os.path.dirname(__file__),
-        env={k: v for k, v in os.environ.items() if not k.startswith("TRITON")},
+        [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=1500,
+        cwd=os.path.dirname(__file__), env={k: v for k, v in os.environ.items() if not k.startswith("TRITON")},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
+
+
+def _kept(methods: list[str], fallbacks_first: bool) -> dict:
+    return _run_script(ISOLATION, json.dumps(methods), "fallbacks-first" if fallbacks_first else "alone")[0]
 
 
 def test_every_method_compresses_in_one_process_as_it_does_alone():
@@ -324,22 +328,15 @@ print(json.dumps(kept))
 """
 
 
-def _backend_route_kept(attn: str, history: str) -> tuple[dict, str]:
-    result = subprocess.run(
-        [sys.executable, "-c", BACKEND_ROUTE, attn, history], capture_output=True, text=True, timeout=1500,
-        cwd=os.path.dirname(__file__), env={k: v for k, v in os.environ.items() if not k.startswith("TRITON")},
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1]), result.stderr
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_the_backend_route_compresses_a_second_model_as_it_does_alone(attn):
     """``torch.compile(model, backend="mmkv")`` on a LLaVA after one of another head size (its attention scale
     then reaches the graph as a symbolic float) keeps the positions, and gives the logits, of a fresh process,
     with Inductor compiling the prompt and the decode step, and no warning."""
     with ThreadPoolExecutor(max_workers=2) as pool:
-        (after, warned), (alone, _) = pool.map(lambda history: _backend_route_kept(attn, history), ["after", "alone"])
+        (after, warned), (alone, _) = pool.map(
+            lambda history: _run_script(BACKEND_ROUTE, attn, history), ["after", "alone"]
+        )
     assert "MMKVWarning" not in warned, warned[-3000:]
     other, fresh = after["other"], alone["other"]
     assert other["positions"] == fresh["positions"]

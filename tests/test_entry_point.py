@@ -19,10 +19,13 @@ ids = torch.randint(0, 64, (1, 20))
 """
 
 
-def _python(code: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON")}
+def _python(code: str, cwd: Path | None = None, extra_path: str = "") -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh process; from ``cwd`` when given, with ``extra_path`` as its PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON") and k != "PYTHONPATH"}
+    if extra_path:
+        env["PYTHONPATH"] = extra_path
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
     )
 
 
@@ -90,33 +93,19 @@ except AssertionError as exc:
 CHECKOUT = Path(__file__).resolve().parents[1]
 
 
-def _python_in_checkout(code: str, extra_path: str = "") -> subprocess.CompletedProcess:
-    """Runs ``python -c`` from the repository root, which puts the root first on ``sys.path``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRITON") and k != "PYTHONPATH"}
-    if extra_path:
-        env["PYTHONPATH"] = extra_path
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=CHECKOUT,
-        timeout=300,
-    )
-
-
 def test_the_checkout_kernels_folder_hands_the_name_kernels_to_the_package_that_owns_it(tmp_path):
     """Run from a checkout, ``import kernels`` finds mmkv's ``kernels/`` folder first; it must reach the package
     of that name instead (transformers 5.25 imports Hugging Face's ``kernels`` at start-up)."""
     other = tmp_path / "kernels"
     other.mkdir()
     (other / "__init__.py").write_text("WHO = 'the package named kernels'\n")
-    result = _python_in_checkout(
+    result = _python(
         """
         from kernels import WHO
         import mmkv_compile.kernels.reference
         print(WHO)
         """,
+        cwd=CHECKOUT,
         extra_path=str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -126,7 +115,7 @@ def test_the_checkout_kernels_folder_hands_the_name_kernels_to_the_package_that_
 def test_transformers_starts_from_a_checkout():
     """Whatever ``kernels`` is installed (Hugging Face's with transformers 5.25, none before), transformers and
     mmkv import from the repository root, and ``kernels`` is mmkv's folder only where no package owns the name."""
-    result = _python_in_checkout(
+    result = _python(
         """
         import importlib.metadata, transformers.activations, kernels, mmkv_compile
         try:
@@ -134,7 +123,8 @@ def test_transformers_starts_from_a_checkout():
         except importlib.metadata.PackageNotFoundError:
             installed = None
         print(installed, kernels.__file__)
-        """
+        """,
+        cwd=CHECKOUT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     installed, where = result.stdout.split()
