@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import sys
 from typing import Any
 
 import torch
@@ -129,6 +130,17 @@ def _entry(forward):
 
 
 @contextlib.contextmanager
+def _own_recompile_limit():
+    """Lift Dynamo's process-wide cap on compiles per code object (``accumulated_recompile_limit``, 256) for this
+    call. The cap counts every compile a frame ever had, for every model, freed or not, and a graph break resumes
+    in transformers frames all models share: a process that compiled enough models before this one (a notebook, a
+    test run) would run it eagerly, uncompressed. Each model's own ``recompile_limit`` (per frame, in its
+    isolated region) still bounds what it compiles."""
+    with torch._dynamo.config.patch(accumulated_recompile_limit=sys.maxsize):
+        yield
+
+
+@contextlib.contextmanager
 def _floats_constant():
     """Trace this model's Python floats (its attention scale) as constants. A graph break in the model's own code
     (LLaVA's placeholder check) resumes in a frame every model of that class shares, and Dynamo remembers what
@@ -189,7 +201,8 @@ class CompiledForward:
         if in_place:
             cache.reserve(cache.incoming_labels.shape[-1], room=cache.room or self.new_tokens or CAPACITY_CHUNK)
         compiled_before = len(self.reports)
-        with _floats_constant(), _decode_lengths_dynamic(kwargs) if phase == DECODE else contextlib.nullcontext():
+        lengths = _decode_lengths_dynamic(kwargs) if phase == DECODE else contextlib.nullcontext()
+        with _own_recompile_limit(), _floats_constant(), lengths:
             out = self.compiled(*args, **kwargs)
         if in_place:
             cache.sync_views()
