@@ -75,7 +75,7 @@ def rewrite_graph(gm: fx.GraphModule, policy: Policy, index: int = 0) -> tuple[f
     except Exception as exc:  # noqa: BLE001 - never break the user's compile: fall back to the captured graph
         log.debug("mmkv rewrite failed", exc_info=True)
         reason = f"the mmkv passes failed on this graph ({type(exc).__name__}: {exc}); compiled unchanged"
-        return gm, GraphReport(index, NO_CACHE if not cache_appends(gm.graph) else PREFILL, fallback=reason,
+        return gm, GraphReport(index, _phase(cache_appends(gm.graph)), fallback=reason,
                                warnings=[f"mmkv ({policy.method}): {reason}"])  # fmt: skip
     report = _report(ctx, index, new_gm)
     report.warnings += _uncompressed_warnings(ctx, new_gm)
@@ -84,12 +84,17 @@ def rewrite_graph(gm: fx.GraphModule, policy: Policy, index: int = 0) -> tuple[f
 
 def _report(ctx: RewriteContext, index: int, gm: fx.GraphModule) -> GraphReport:
     appends = [s.state for s in ctx.sites if s.state is not None] or cache_appends(gm.graph)
-    phase = NO_CACHE if not appends else (PREFILL if is_prefill(appends[0]) else DECODE)
-    report = GraphReport(index, phase, passes={r.name: r.matches for r in ctx.results})
+    report = GraphReport(index, _phase(appends), passes={r.name: r.matches for r in ctx.results})
     for s in ctx.sites:
         report.sites.append(SiteReport(s.layer, s.kind, s.cache.value, s.gqa_groups, s.decision.value, s.rewritten,
                                        s.evicts, s.mask_rebuilt, s.reason, s.module))  # fmt: skip
     return report
+
+
+def _phase(appends: list) -> str:
+    """A graph's phase, read from its first cache append: a failed rewrite's report keeps it too, so the decode
+    step it compiled is not taken for one that never reached the backend."""
+    return NO_CACHE if not appends else (PREFILL if is_prefill(appends[0]) else DECODE)
 
 
 def _layers(sites) -> list[int]:
