@@ -221,7 +221,9 @@ def budget_stage(
 ) -> torch.Tensor:
     """Slots each (row, KV head) keeps at this layer, int64 ``[B, Hkv]``: the budget's share of the row's live
     slots under the layer schedule, or ``layer_budgets`` (int64 ``[B]``) allocated across layers in the graph.
-    While decoding, a float budget holds each row at the live slots it had before this step."""
+    After the prompt, a float budget holds each row at the live slots it had before this step plus the budget's
+    share of the step's own: none for one generated token, a prompt's share for a follow-up prompt (a later turn
+    appended to the cache), so every prompt token, in whichever turn, is kept at the budget's rate."""
     num_live = live.sum(-1)
     if policy.keeps_everything:
         return num_live
@@ -230,7 +232,8 @@ def budget_stage(
     elif prefill or not policy.budget.is_fraction:
         counts = layer_count(policy, num_live)
     else:
-        counts = live[..., : live.shape[-1] - num_new].sum(-1)
+        old = live.shape[-1] - num_new
+        counts = live[..., :old].sum(-1) + layer_count(policy, live[..., old:].sum(-1))
     return torch.minimum(counts, num_live)
 
 

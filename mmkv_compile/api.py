@@ -172,8 +172,9 @@ class CompiledForward:
     """A model's forward, compiled with the mmkv backend: gives every call an :class:`MMKVCache` and its labels,
     and checks that each phase (prefill, decode) really went through the backend.
 
-    When the method evicts nothing while decoding, decode calls append in place: the cache reserves capacity
-    buffers before each one (``MMKVCache.reserve``) and its state fields are synced after it."""
+    When the method evicts nothing while decoding, one-token decode calls append in place: the cache reserves
+    capacity buffers before each one (``MMKVCache.reserve``) and its state fields are synced after it. A
+    follow-up prompt (several tokens appended after the prompt) is appended by copying and compressed."""
 
     def __init__(self, model: torch.nn.Module, backend: MMKVBackend, mode: str | None, dynamic: bool | None):
         self.model, self.backend = model, backend
@@ -197,7 +198,11 @@ class CompiledForward:
         kwargs = prepare_call(self.model, args, kwargs)
         cache = call_cache(kwargs)
         phase = DECODE if isinstance(cache, MMKVCache) and cache.get_seq_length() > 0 else PREFILL
-        in_place = phase == DECODE and cache.incoming_labels is not None and self._decodes_in_place()
+        incoming = cache.incoming_labels if isinstance(cache, MMKVCache) else None
+        one_token = incoming is not None and incoming.shape[-1] == 1
+        if phase == DECODE and not one_token:  # a follow-up prompt: appended by copying, then compressed
+            cache.release()
+        in_place = phase == DECODE and one_token and self._decodes_in_place()
         if in_place:
             cache.reserve(cache.incoming_labels.shape[-1], room=cache.room or self.new_tokens or CAPACITY_CHUNK)
         compiled_before = len(self.reports)
@@ -369,7 +374,7 @@ def reference_attention(module, query, key, value, attention_mask, scaling=None,
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, scale=scaling, is_causal=is_causal, enable_gqa=True
     )
-    if compressible and (prefill or policy.evict_while_decoding):
+    if compressible and (prefill or policy.evict_while_decoding or num_new > 1):  # a follow-up prompt too
         if cache.pending is None:
             cache.pending = schedule_for(policy, prefill)
         step = LayerStep(layer.placement, query, layer.state(), scaling, prefill, layer)

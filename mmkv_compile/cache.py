@@ -300,6 +300,13 @@ class MMKVCache(Cache):
             if layer.is_initialized and not layer.is_sliding:
                 layer.reserve(num_new, room)
 
+    def release(self) -> None:
+        """Before a call that appends several tokens after the prompt (a follow-up prompt, which is compressed):
+        every layer holds its slots as plain tensors again, as before its first :meth:`reserve`."""
+        for layer in self.mmkv_layers:
+            if layer.buffers is not None:
+                layer.set_state(layer.state())
+
     def sync_views(self) -> None:
         """After such a call: each layer's state fields show the slots it now holds."""
         for layer in self.mmkv_layers:

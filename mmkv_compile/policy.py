@@ -329,14 +329,15 @@ def output_length(policy: Policy, total: int, num_new: int, prefill: bool):
     """Physical slots the operator returns for ``total`` input slots, or None if that depends on data.
 
     Works for ints and SymInts (the fake kernel calls it with symbolic sizes). Memory slots (merge
-    ``absorb``) are added at prefill and carried through every later step. While decoding, a float budget
-    holds each layer at the size it had before the step.
+    ``absorb``) are added at prefill and carried through every later step. After the prompt, a float budget
+    holds each layer at the size it had before the step plus the budget's share of the step's tokens (none for
+    one token, since the share rounds down; a follow-up prompt's share for a later turn).
     """
     if policy.keeps_everything:
         return total
     memory = policy.merge.memory_slots
     if not prefill and policy.budget.is_fraction:
-        return total - num_new
+        return total - num_new + layer_count(policy, live_length(num_new, policy.placement.window))
     if not policy.static_output_length:
         return None
     regular = total if prefill else total - memory

@@ -132,6 +132,12 @@ def is_prefill(append: fx.Node) -> bool:
     return past is not None and isinstance(past.shape[2], int) and past.shape[2] == 0
 
 
+def appends_one_token(append: fx.Node) -> bool:
+    """Whether a cache update appends exactly one token (a generated one): statically one new label."""
+    labels = example_value(step_slots(append)[0])
+    return labels is not None and isinstance(labels.shape[-1], int) and labels.shape[-1] == 1
+
+
 def writes_in_place(append: fx.Node) -> bool:
     """Whether a cache update is an ``mmkv.cache_write`` into capacity buffers (its state is its first args)."""
     return append.target in CACHE_WRITE

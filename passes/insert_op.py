@@ -11,7 +11,14 @@ import operator
 
 import torch.fx as fx
 
-from mmkv_compile.passes.find_sites import AttentionSite, Decision, cache_layer_info, is_prefill, writes_in_place
+from mmkv_compile.passes.find_sites import (
+    AttentionSite,
+    Decision,
+    appends_one_token,
+    cache_layer_info,
+    is_prefill,
+    writes_in_place,
+)
 from mmkv_compile.passes.manager import GraphPass, RewriteContext
 from mmkv_compile.schedules import GraphEmitter, LayerStep, schedule_for
 from mmkv_compile.state import STATE_FIELDS, SlotState
@@ -59,9 +66,9 @@ class InsertScoreEvictMerge(GraphPass):
         prefill = is_prefill(sites[0].state)
         if policy.keeps_everything:
             return self._decide(sites, Decision.KEEP, f"method {policy.method!r} keeps every token")
-        if not prefill and not policy.evict_while_decoding:
+        if not prefill and not policy.evict_while_decoding and appends_one_token(sites[0].state):
             return self._decide(
-                sites, Decision.APPEND, f"{policy.method} compresses the prompt only; this step appends"
+                sites, Decision.APPEND, f"{policy.method} compresses prompts only; this one-token step appends"
             )
         if any(writes_in_place(site.state) for site in sites):  # MMKVCache.reserve's callers prevent this
             return self._decide(sites, Decision.SKIP, "capacity buffers reached a step that evicts; left alone")
