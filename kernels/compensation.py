@@ -7,7 +7,14 @@ from __future__ import annotations
 import torch
 
 from mmkv_compile.kernels import heads
-from mmkv_compile.kernels.reference import budget_stage, coverage_demand, forced_stage, live_slots, score_stage
+from mmkv_compile.kernels.reference import (
+    INVALID,
+    budget_stage,
+    coverage_demand,
+    forced_stage,
+    live_slots,
+    score_stage,
+)
 from mmkv_compile.policy import Policy, exact_fraction
 from mmkv_compile.state import SlotState
 
@@ -19,7 +26,7 @@ def head_demand(query, keys, labels, positions, scaling: float, policy: Policy) 
     state = SlotState(keys, keys, labels, positions, empty, empty, empty.bool())
     selection = score_stage(policy, query, state, scaling, True).selection
     live = live_slots(labels, positions, policy.placement.window)
-    counts = budget_stage(policy, live, query.shape[2], True)
+    counts = budget_stage(policy, live, labels != INVALID, query.shape[2], True)
     forced = forced_stage(policy, live, counts)
     demand = coverage_demand(policy, selection, torch.where(live, labels, -1).to(labels.dtype), forced)
     return heads.gather_heads(torch.stack([demand, live.sum(-1), forced.sum(-1)], dim=-1), policy.placement.heads)

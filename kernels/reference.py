@@ -217,13 +217,20 @@ def dual_attention(query, keys, labels, positions, scaling: float, window: int =
 
 
 def budget_stage(
-    policy: Policy, live: torch.Tensor, num_new: int, prefill: bool, layer_budgets: torch.Tensor | None = None
+    policy: Policy,
+    live: torch.Tensor,
+    valid: torch.Tensor,
+    num_new: int,
+    prefill: bool,
+    layer_budgets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Slots each (row, KV head) keeps at this layer, int64 ``[B, Hkv]``: the budget's share of the row's live
     slots under the layer schedule, or ``layer_budgets`` (int64 ``[B]``) allocated across layers in the graph.
-    After the prompt, a float budget holds each row at the live slots it had before this step plus the budget's
-    share of the step's own: none for one generated token, a prompt's share for a follow-up prompt (a later turn
-    appended to the cache), so every prompt token, in whichever turn, is kept at the budget's rate."""
+    After the prompt, a float budget holds each row at the ``valid`` slots it held before this step plus the
+    budget's share of the step's own: none for one generated token, a prompt's share for a follow-up prompt (a
+    later turn appended to the cache), so every prompt token, in whichever turn, is kept at the budget's rate.
+    Held, not live: under a sliding window a slot leaving the window frees its place for a newer one instead of
+    shrinking the layer step by step."""
     num_live = live.sum(-1)
     if policy.keeps_everything:
         return num_live
@@ -233,7 +240,7 @@ def budget_stage(
         counts = layer_count(policy, num_live)
     else:
         old = live.shape[-1] - num_new
-        counts = live[..., :old].sum(-1) + layer_count(policy, live[..., old:].sum(-1))
+        counts = valid[..., :old].sum(-1) + layer_count(policy, live[..., old:].sum(-1))
     return torch.minimum(counts, num_live)
 
 
@@ -372,7 +379,7 @@ def keep_and_budget(
     layer_budgets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Budget and keep order: (tier of every slot ``[B, Hkv, S]``, slots each row and KV head keeps ``[B, Hkv]``)."""
-    counts = budget_stage(policy, live, num_new, prefill, layer_budgets)
+    counts = budget_stage(policy, live, labels != INVALID, num_new, prefill, layer_budgets)
     if scores.individual is not None:
         return dual_attention_keep(policy, scores, labels, live, counts)
     forced = forced_stage(policy, live, counts)
@@ -606,7 +613,7 @@ def score_evict_merge(
     live = live_slots(labels, state.positions, pol.placement.window)
     if keep_positions is not None:  # HAE's later layers: the first layer's kept positions, no scoring
         chosen = broadcast_keep(state.positions, live, keep_positions)
-        counts = torch.minimum(budget_stage(pol, live, num_new, prefill), chosen.sum(-1))
+        counts = torch.minimum(budget_stage(pol, live, labels != INVALID, num_new, prefill), chosen.sum(-1))
         tier = torch.where(chosen, FORCED, DROPPED).to(torch.int8)
         zeros = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)
         scores = Scores(zeros, zeros)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import build, generate
+from support import build, generate, valid_slots
 
 import mmkv_compile
 from mmkv_compile import MMKVCache, Modality
@@ -116,8 +116,8 @@ def test_inductor_compiled_equals_eager_operator():
 @pytest.mark.parametrize("attn", ATTENTIONS)
 def test_interleaved_sliding_window_layers_compress_within_their_window(attn):
     """Gemma3 (window 6, a 20-token prompt): full-attention layers keep floor(0.5 * 20) = 10 slots, sliding
-    layers floor(0.5 * 5) = 2 of the 5 tokens their next query can see; the full budget reproduces the
-    uncompiled model, and the compressed model equals the eager reference."""
+    layers floor(0.5 * 5) = 2 of the 5 tokens their next query can see, and hold as many while decoding; the
+    full budget reproduces the uncompiled model, and the compressed model equals the eager reference."""
     tiny = build("gemma3_text", attn)
     report = mmkv_compile.explain(tiny.model, "h2o", 0.5, **tiny.inputs)
     prefill = [s for phase, s in report.sites() if phase == "prefill"]
@@ -141,6 +141,8 @@ def test_interleaved_sliding_window_layers_compress_within_their_window(attn):
     for layer, ref_layer in zip(cache.mmkv_layers, ref_cache.mmkv_layers, strict=True):
         assert torch.equal(layer.positions, ref_layer.positions)
         assert layer.get_physical_length() < layer.get_seq_length()
+    # every layer holds its prompt's count while decoding, sliding ones too as their slots leave the window
+    assert [int(held.min()) for held in valid_slots(cache)] == [2, 10, 2, 10]
 
 
 @pytest.mark.parametrize("name,prompt", [("phi3", 245), ("mistral", 120)])
@@ -164,7 +166,8 @@ def test_real_sliding_windows_compress_like_full_attention_inside_the_window(nam
 def test_past_the_window_a_sliding_layer_keeps_its_budgets_share_of_the_window(method):
     """Phi-3 with a 16-token window and a 40-token prompt: the next query sees 15 tokens, so snapkv keeps
     floor(0.5 * 15) = 7; while decoding the layer never holds more than its window (like transformers' own
-    sliding layer). ``full`` reproduces the uncompiled model past the window."""
+    sliding layer), and h2o (evicting at every step) holds those 7 as its slots leave the window, one new token
+    taking the place of one that left. ``full`` reproduces the uncompiled model past the window."""
     tiny = build("phi3", prompt_len=40, sliding_window=16)
     ref_tokens, ref_logits, _ = generate(tiny.model, tiny.inputs, 20)
     budget = 1.0 if method == "full" else 0.5
@@ -176,6 +179,8 @@ def test_past_the_window_a_sliding_layer_keeps_its_budgets_share_of_the_window(m
         assert [layer.get_physical_length() for layer in cache.mmkv_layers] == [7, 7]
     tokens, logits, cache = generate(model, tiny.inputs, 20)
     assert all(layer.get_physical_length() <= 16 for layer in cache.mmkv_layers)
+    if method == "h2o":
+        assert all(bool((held == 7).all()) for held in valid_slots(cache))
     if method == "full":
         assert torch.equal(tokens, ref_tokens)
         torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
