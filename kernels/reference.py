@@ -363,7 +363,9 @@ def dual_attention_keep(policy: Policy, scores: Scores, labels: torch.Tensor, li
 def broadcast_keep(positions: torch.Tensor, live: torch.Tensor, keep_positions: torch.Tensor) -> torch.Tensor:
     """Bool ``[B, Hkv, S]``: live slots whose position is among ``keep_positions [B, K]`` (HAE's index
     broadcasting: the first layer's decision, reused by later layers without scoring them)."""
-    wanted = torch.where(keep_positions >= 0, keep_positions, torch.iinfo(keep_positions.dtype).max)
+    beyond = torch.iinfo(keep_positions.dtype).max  # matches no position
+    wanted = torch.where(keep_positions >= 0, keep_positions, beyond)
+    wanted = torch.nn.functional.pad(wanted, (0, 1), value=beyond)  # never empty, though the first layer kept none
     wanted = wanted.sort(-1).values.unsqueeze(1).expand(*positions.shape[:2], -1).contiguous()
     index = torch.searchsorted(wanted, positions.contiguous()).clamp(max=wanted.shape[-1] - 1)
     return live & (wanted.gather(-1, index) == positions)

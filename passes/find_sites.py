@@ -125,11 +125,14 @@ def cache_layer_info(append: fx.Node) -> LayerPlacement:
 
 
 def is_prefill(append: fx.Node) -> bool:
-    """True when the cache held nothing before this append (its past length is statically 0)."""
+    """True when this append is the layer's first: its past is created empty in this graph (statically 0 slots,
+    not read from the cache). A past read from the cache (a graph input) is a decode step's, even when eviction
+    left it empty (a budget share that rounds down to 0 slots)."""
     if writes_in_place(append):
         return False
     past = example_value(append.args[0])
-    return past is not None and isinstance(past.shape[2], int) and past.shape[2] == 0
+    created_here = append.args[0].op != "placeholder"
+    return created_here and past is not None and isinstance(past.shape[2], int) and past.shape[2] == 0
 
 
 def appends_one_token(append: fx.Node) -> bool:

@@ -157,3 +157,20 @@ def test_decode_time_methods_hold_the_cache_at_budget(method, budget):
         positions = cache.layers[0].positions[0, 0].tolist()
         assert positions[:4] == [0, 1, 2, 3]
         assert positions[4:] == list(range(cache.get_seq_length() - held + 4, cache.get_seq_length()))
+
+
+@pytest.mark.parametrize("method", ["h2o", "streaming_llm", "hae"])
+def test_a_budget_that_keeps_no_prompt_token_decodes_over_an_empty_cache(method):
+    """A 4-token prompt at budget 0.2 keeps floor(0.8) = 0 slots, and these methods hold each layer at that size:
+    every decode step reads a cache emptied by eviction. Independent reference: with nothing cached, each step
+    is the uncompiled model on its one token at its logical position."""
+    tiny = build("llama", prompt_len=4)
+    model = mmkv_compile.compile(build("llama", prompt_len=4).model, method, 0.2, inductor=False)
+    tokens, logits, cache = generate(model, tiny.inputs, 5)
+    assert all(int((layer.labels != -1).sum()) == 0 for layer in cache.mmkv_layers)
+    with torch.no_grad():
+        expected = [tiny.model(**tiny.inputs).logits[:, -1]]
+        for step, token in enumerate(tokens[0, :-1].tolist()):
+            position = torch.tensor([[4 + step]])
+            expected.append(tiny.model(input_ids=torch.tensor([[token]]), position_ids=position).logits[:, -1])
+    torch.testing.assert_close(logits, torch.stack(expected, dim=1), atol=1e-5, rtol=0)
