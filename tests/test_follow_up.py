@@ -166,3 +166,36 @@ def test_a_follow_up_turn_with_a_new_image_labels_and_compresses_it(method):
         assert second_image.any()  # the new image's slots are in the cache, labelled as image
     bound = int(0.5 * (tiny.inputs["input_ids"].shape[1] + extra.shape[1])) + sum(NEW_TOKENS)
     assert max(int(v.max()) for v in valid_slots(cache)) <= bound
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "gemma3", "idefics3"])
+def test_a_follow_up_on_families_with_their_own_positions_and_masks(name):
+    """Qwen2-VL's M-RoPE deltas, Gemma3's interleaved windows and bidirectional image attention, Idefics3: at
+    budget 1.0 the compiled model's second turn has the uncompiled model's tokens and logits; at 0.5 it equals
+    the eager reference and keeps the budget of both turns' prompts."""
+    from mmkv_compile.testing.zoo import FAMILIES
+
+    family = FAMILIES[name]
+    if not family.available():
+        pytest.skip(f"the installed transformers has no {family.module}")
+    extra = torch.randint(3, 90, (1, 7), generator=torch.Generator().manual_seed(5))
+    reference = family.build("sdpa")
+    compiled = family.build("sdpa")
+    mmkv_compile.compile(compiled.model, "snapkv", 1.0, inductor=False)
+    want, _ = _two_turns(reference.model, reference.inputs, extra)
+    got, cache = _two_turns(compiled.model, compiled.inputs, extra)
+    assert torch.equal(got.sequences, want.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-5, rtol=0)
+    assert cache.mmkv_layers  # the compiled route's cache, not a fallback
+
+    eager, eager_cache = _two_turns(mmkv_compile.apply_eagerly(family.build("sdpa").model, "snapkv", 0.5),
+                                    reference.inputs, extra)  # fmt: skip
+    compressed = family.build("sdpa")
+    mmkv_compile.compile(compressed.model, "snapkv", 0.5, inductor=False)
+    got, cache = _two_turns(compressed.model, compressed.inputs, extra)
+    assert torch.equal(got.sequences, eager.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(eager.logits), atol=1e-5, rtol=0)
+    for layer, eager_layer in zip(cache.mmkv_layers, eager_cache.mmkv_layers, strict=True):
+        assert torch.equal(layer.positions, eager_layer.positions)
+    bound = int(0.5 * (reference.inputs["input_ids"].shape[1] + extra.shape[1])) + sum(NEW_TOKENS)
+    assert max(int(v.max()) for v in valid_slots(cache)) <= bound
