@@ -204,7 +204,7 @@ class CompiledForward:
             cache.release()
         in_place = phase == DECODE and one_token and self._decodes_in_place()
         if in_place:
-            cache.reserve(cache.incoming_labels.shape[-1], room=cache.room or self.new_tokens or CAPACITY_CHUNK)
+            cache.reserve(incoming.shape[-1], room=cache.room or self.new_tokens or CAPACITY_CHUNK)
         compiled_before = len(self.reports)
         lengths = _decode_lengths_dynamic(kwargs) if phase == DECODE else contextlib.nullcontext()
         with _own_recompile_limit(), _floats_constant(), lengths:

@@ -41,6 +41,12 @@ def _two_turns(model, inputs: dict, extra: torch.Tensor, **second_inputs):
     return second, output_cache(second)
 
 
+def _assert_within_budget(cache, budget: float, prompt_tokens: int) -> None:
+    """Every layer holds at most the budget's share of both turns' prompt tokens plus the generated ones."""
+    bound = int(budget * prompt_tokens) + sum(NEW_TOKENS)
+    assert max(int(v.max()) for v in valid_slots(cache)) <= bound
+
+
 def _extra(seed: int = 1) -> torch.Tensor:
     return torch.randint(3, 90, (1, FOLLOW_UP), generator=torch.Generator().manual_seed(seed))
 
@@ -60,8 +66,7 @@ def test_a_follow_up_prompt_is_compressed_as_the_eager_reference_compresses_it(m
     for got, want in zip(cache.mmkv_layers, reference_cache.mmkv_layers, strict=True):
         assert torch.equal(got.positions, want.positions) and torch.equal(got.labels, want.labels)
     prompt_tokens = tiny.inputs["input_ids"].shape[1] + FOLLOW_UP
-    bound = int(budget * prompt_tokens) + sum(NEW_TOKENS)
-    assert max(int(v.max()) for v in valid_slots(cache)) <= bound
+    _assert_within_budget(cache, budget, prompt_tokens)
 
 
 def test_a_follow_up_prompt_keeps_the_budget_share_of_its_own_tokens():
@@ -164,8 +169,7 @@ def test_a_follow_up_turn_with_a_new_image_labels_and_compresses_it(method):
         assert torch.equal(got.labels[valid].long(), expected[valid].long())
         second_image = valid & is_image[got.positions] & (got.positions >= tiny.inputs["input_ids"].shape[1])
         assert second_image.any()  # the new image's slots are in the cache, labelled as image
-    bound = int(0.5 * (tiny.inputs["input_ids"].shape[1] + extra.shape[1])) + sum(NEW_TOKENS)
-    assert max(int(v.max()) for v in valid_slots(cache)) <= bound
+    _assert_within_budget(cache, 0.5, tiny.inputs["input_ids"].shape[1] + extra.shape[1])
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "gemma3", "idefics3"])
@@ -197,5 +201,4 @@ def test_a_follow_up_on_families_with_their_own_positions_and_masks(name):
     torch.testing.assert_close(torch.stack(got.logits), torch.stack(eager.logits), atol=1e-5, rtol=0)
     for layer, eager_layer in zip(cache.mmkv_layers, eager_cache.mmkv_layers, strict=True):
         assert torch.equal(layer.positions, eager_layer.positions)
-    bound = int(0.5 * (reference.inputs["input_ids"].shape[1] + extra.shape[1])) + sum(NEW_TOKENS)
-    assert max(int(v.max()) for v in valid_slots(cache)) <= bound
+    _assert_within_budget(cache, 0.5, reference.inputs["input_ids"].shape[1] + extra.shape[1])
