@@ -86,20 +86,34 @@ def adopt_traced_call() -> bool:
     their own keeps it."""
     from mmkv_compile.api import prepare_call
 
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        tx = InstructionTranslator.current_tx().output.root_tx  # the frame Dynamo converts, not an inlined call
-        frame_locals, name = tx.f_locals, tx.f_code.co_name
-    except Exception:  # noqa: BLE001 - Dynamo's internals moved: no adoption, the caller warns
+    tx = _traced_frame()
+    if tx is None:
         return False
-    model, args, kwargs = _model_call(frame_locals)
-    if name.startswith("torch_dynamo_resume") or not _takes_tokens_without_cache(model, args, kwargs):
+    model, args, kwargs = _model_call(tx.f_locals)
+    if tx.f_code.co_name.startswith("torch_dynamo_resume") or not _takes_tokens_without_cache(model, args, kwargs):
         return False  # (the rest of a frame a graph break split started without us)
     _hook(model)
     prepare_call(model, args, kwargs)  # in place: the frame is traced again with this dict
     tx.speculation_log.clear()  # the new trace takes another path through the model (it has a cache now)
     return True
+
+
+def _traced_frame():
+    """The frame Dynamo is converting (not an inlined call), or None where Dynamo's internals moved (the callers
+    then adopt nothing and the backend warns as before)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        return InstructionTranslator.current_tx().output.root_tx
+    except Exception:  # noqa: BLE001 - an internal name: without it, nothing is adopted
+        return None
+
+
+def traced_call_keeps_no_cache() -> bool:
+    """The call being traced is a model's forward with ``use_cache=False``: there is no cache to compress."""
+    tx = _traced_frame()
+    kwargs = _model_call(tx.f_locals)[2] if tx is not None else None
+    return isinstance(kwargs, dict) and kwargs.get("use_cache") is False
 
 
 def hook_outer_model() -> bool:
@@ -118,10 +132,22 @@ def hook_outer_model() -> bool:
     return True
 
 
+NO_CACHE_REASON = (
+    "use_cache=False: the model keeps no KV cache, so there is nothing to compress (each step attends the whole "
+    "sequence again); pass use_cache=True to compress"
+)
 FIRST_CALL_REASON = (
     "this first call ran uncompressed: the model's graph breaks before its decoder, where the call was already "
     "past the point where mmkv could give it an MMKVCache; its later calls without a cache get one and compress "
     "(mmkv_compile.compile(model, ...) compresses from the first call)"
 )
 
-__all__ = ["FIRST_CALL_REASON", "RetraceWithMMKVCache", "adopt_traced_call", "give_mmkv_cache", "hook_outer_model"]
+__all__ = [
+    "FIRST_CALL_REASON",
+    "NO_CACHE_REASON",
+    "RetraceWithMMKVCache",
+    "adopt_traced_call",
+    "give_mmkv_cache",
+    "hook_outer_model",
+    "traced_call_keeps_no_cache",
+]

@@ -11,13 +11,14 @@ from typing import Any
 import torch
 from transformers import DynamicCache, StaticCache
 
+from mmkv_compile.adopt import NO_CACHE_REASON
 from mmkv_compile.backend import MMKVBackend
 from mmkv_compile.cache import CAPACITY_CHUNK, MMKVCache, MMKVLayer
 from mmkv_compile.compat import cache_argument, call_cache, head_group, pop_cache
 from mmkv_compile.config import CompressionConfig
 from mmkv_compile.masks import slot_attention_mask
 from mmkv_compile.passes.find_sites import CacheKind
-from mmkv_compile.reports import DECODE, PREFILL, ExplainReport, GraphReport
+from mmkv_compile.reports import DECODE, PREFILL, ExplainReport, GraphReport, Warner
 from mmkv_compile.schedules import EagerEmitter, LayerStep, schedule_for
 
 __all__ = ["ExplainReport", "apply_eagerly", "compile", "compiled_reports", "explain", "uncompile"]
@@ -197,6 +198,8 @@ class CompiledForward:
     def __call__(self, *args, **kwargs):
         kwargs = prepare_call(self.model, args, kwargs)
         cache = call_cache(kwargs)
+        if kwargs.get("use_cache") is False:
+            self.backend.warner.warn(f"mmkv ({self.backend.config.method.name}): {NO_CACHE_REASON}", stacklevel=3)
         phase = DECODE if isinstance(cache, MMKVCache) and cache.get_seq_length() > 0 else PREFILL
         incoming = cache.incoming_labels if isinstance(cache, MMKVCache) else None
         one_token = incoming is not None and incoming.shape[-1] == 1
@@ -356,11 +359,11 @@ REFERENCE_ATTENTION = "mmkv_reference"
 def reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention that calls the operator eagerly: what the backend's rewritten graph computes, written as plain
     code over the same layer schedules. Registered in transformers' AttentionInterface as ``mmkv_reference``."""
-    cache: MMKVCache = kwargs["mmkv_cache"]
+    cache: MMKVCache | None = kwargs["mmkv_cache"]
     policy = kwargs["mmkv_policy"]
-    layer = cache.layers[module.layer_idx]
+    layer = cache.layers[module.layer_idx] if cache is not None else None  # None: use_cache=False
     num_new = query.shape[2]
-    prefill = layer.get_seq_length() == num_new
+    prefill = layer is not None and layer.get_seq_length() == num_new
     scaling = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     compressible = isinstance(layer, MMKVLayer) and not policy.keeps_everything
     mask = attention_mask  # at the prompt nothing is evicted yet: transformers' mask lines up with the slots
@@ -418,12 +421,16 @@ def apply_eagerly(model: torch.nn.Module, method: str = "snapkv", budget: float 
         raise ValueError("apply_eagerly could not find the decoder's config among the model's sub-configs")
     model.set_attn_implementation(REFERENCE_ATTENTION if key == "" else {key: REFERENCE_ATTENTION})
     original = type(model).forward.__get__(model)
+    warner = Warner()
 
     @functools.wraps(original)
     def forward(*args, **kwargs):
         kwargs = prepare_call(model, args, kwargs)
         cache = call_cache(kwargs)
-        cache.pending = None  # a step that failed half-way leaves no schedule behind
+        if cache is None:
+            warner.warn(f"mmkv ({method}, applied eagerly): {NO_CACHE_REASON}")
+        else:
+            cache.pending = None  # a step that failed half-way leaves no schedule behind
         return original(*args, mmkv_cache=cache, mmkv_policy=policy, **kwargs)
 
     model.forward = forward

@@ -18,7 +18,14 @@ import logging
 import torch
 import torch.fx as fx
 
-from mmkv_compile.adopt import FIRST_CALL_REASON, RetraceWithMMKVCache, adopt_traced_call, hook_outer_model
+from mmkv_compile.adopt import (
+    FIRST_CALL_REASON,
+    NO_CACHE_REASON,
+    RetraceWithMMKVCache,
+    adopt_traced_call,
+    hook_outer_model,
+    traced_call_keeps_no_cache,
+)
 from mmkv_compile.config import CompressionConfig
 from mmkv_compile.passes.causal_attention import CausalPrefillAttention
 from mmkv_compile.passes.find_sites import (
@@ -149,6 +156,8 @@ class MMKVBackend:
                 raise RetraceWithMMKVCache("mmkv gave the call an MMKVCache: its forward is traced again")
             if _reads_a_plain_cache(report) and hook_outer_model():
                 report.warnings = [f"mmkv ({self.config.method.name}): {FIRST_CALL_REASON}"]
+            elif traced_call_keeps_no_cache():
+                report.warnings.append(f"mmkv ({self.config.method.name}): {NO_CACHE_REASON}")
         self.reports.append(report)
         for message in report.warnings:
             self.warner.warn(message, stacklevel=4)

@@ -133,6 +133,34 @@ def test_the_cache_argument_under_either_name(name):
     assert cache.get_physical_length() == tiny.inputs["input_ids"].shape[1] // 4
 
 
+ROUTES = ["compile", "torch.compile", "apply_eagerly"]
+
+
+def _on_route(route: str, model):
+    if route == "compile":
+        return mmkv_compile.compile(model, "snapkv", 0.25, inductor=False)
+    if route == "apply_eagerly":
+        return mmkv_compile.apply_eagerly(model, "snapkv", 0.25)
+    return torch.compile(model, backend="mmkv", options={"budget": 0.25, "inductor": False})
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_use_cache_false_says_once_that_nothing_is_compressed(route):
+    """Without a cache there is nothing to compress: the model's own output, and one warning that says why."""
+    tiny = build("llama")
+    with torch.no_grad():
+        reference = tiny.model(**tiny.inputs, use_cache=False).logits
+    model = _on_route(route, build("llama").model)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outs = [model(**tiny.inputs, use_cache=False) for _ in range(2)]
+    for out in outs:
+        torch.testing.assert_close(out.logits, reference, atol=1e-5, rtol=0)
+        assert output_cache(out) is None
+    ours = [str(w.message) for w in caught if issubclass(w.category, MMKVWarning)]
+    assert len(ours) == 1 and "use_cache=False" in ours[0] and "nothing to compress" in ours[0], ours
+
+
 # -- explain --------------------------------------------------------------------------------------------------
 
 

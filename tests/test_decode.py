@@ -174,3 +174,43 @@ def test_a_budget_that_keeps_no_prompt_token_decodes_over_an_empty_cache(method)
             position = torch.tensor([[4 + step]])
             expected.append(tiny.model(input_ids=torch.tensor([[token]]), position_ids=position).logits[:, -1])
     torch.testing.assert_close(logits, torch.stack(expected, dim=1), atol=1e-5, rtol=0)
+
+
+def _beam_search(model, inputs: dict, steps: int, **options):
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=3,
+            return_dict_in_generate=True, output_scores=True, **options,
+        )  # fmt: skip
+    return out.sequences, out.sequences_scores, output_cache(out)
+
+
+@pytest.mark.parametrize("num_return_sequences", [1, 2])
+def test_beam_search_at_full_budget_is_the_uncompiled_models(num_return_sequences):
+    """Independent check: beam search reorders the cache every step (``reorder_cache``); at budget 1.0 the compiled
+    LLaVA (labels and capacity buffers reordered with it) gives the uncompiled model's beams and scores."""
+    tiny = build("llava")
+    model = mmkv_compile.compile(build("llava").model, "snapkv", 1.0, inductor=False)
+    ours = _beam_search(model, tiny.inputs, 6, num_return_sequences=num_return_sequences)
+    reference = _beam_search(tiny.model, tiny.inputs, 6, num_return_sequences=num_return_sequences)
+    assert torch.equal(ours[0], reference[0])
+    torch.testing.assert_close(ours[1], reference[1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["snapkv", "h2o", "madakv"])
+def test_beam_search_compresses_as_the_eager_reference(method):
+    """Beam search over a compressed cache: the beams, scores and kept slots of the eager reference, and every
+    beam within the budget."""
+    tiny = build("llava")
+    model = mmkv_compile.compile(build("llava").model, method, 0.5, inductor=False)
+    eager = mmkv_compile.apply_eagerly(build("llava").model, method, 0.5)
+    steps, prompt = 6, tiny.inputs["input_ids"].shape[1]
+    (ours, our_scores, cache), (theirs, their_scores, their_cache) = (
+        _beam_search(m, tiny.inputs, steps) for m in (model, eager)
+    )
+    assert torch.equal(ours, theirs)
+    torch.testing.assert_close(our_scores, their_scores, atol=1e-5, rtol=0)
+    for layer, their_layer in zip(cache.mmkv_layers, their_cache.mmkv_layers, strict=True):
+        assert torch.equal(layer.positions, their_layer.positions) and torch.equal(layer.labels, their_layer.labels)
+        # the last step's token is appended by the call that would produce the next one: steps - 1 held
+        assert int((layer.labels != -1).sum(-1).max()) <= prompt // 2 + steps - 1
