@@ -107,7 +107,12 @@ class MMKVLayer(CacheLayerMixin):
         self.logical_length = self.logical_length + num_new
         if self.buffers is not None:
             # In place, and attention reads the whole buffers: the rewritten mask hides the unused slots.
-            if self.filled + num_new > self.buffers.keys.shape[2]:
+            capacity = self.buffers.keys.shape[2]
+            # Traced, this is a guard that gives all the buffers one length symbol instead of one each (symbols
+            # cost guards, tracing time and region checks).
+            if any(buffer.shape[2] != capacity for buffer in self.buffers):
+                raise RuntimeError(f"layer {self.rank}'s capacity buffers differ in length")
+            if self.filled + num_new > capacity:
                 raise RuntimeError(f"{num_new} new slots overflow layer {self.rank}'s capacity buffers: call reserve")
             ops.cache_write(self.buffers, new, self.filled, self.placement_text)
             self.filled = self.filled + num_new

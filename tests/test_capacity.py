@@ -13,6 +13,7 @@ from mmkv_compile.compat import output_cache
 from mmkv_compile.masks import slot_attention_mask
 from mmkv_compile.passes.find_sites import CACHE_WRITE
 from mmkv_compile.passes.graph_utils import SDPA_TARGETS, is_call, sdpa_arguments
+from mmkv_compile.state import STATE_FIELDS
 
 STEPS = 24
 
@@ -151,6 +152,11 @@ def test_decode_graph_writes_in_place():
     assert not [n for n in after.graph.nodes if n.target in CACHE_WRITE or n.target is ops.CACHE_APPEND]
     assert sum(1 for n in after.graph.nodes if n.target is torch.ops.aten.copy_.default) >= 4 * layers
     assert all(site.mask_rebuilt for site in report.sites if site.cache == "mmkv")
+    # a layer's buffers (one per state field) share one length symbol (Dynamo gives each marked-dynamic size its own, and each
+    # symbol costs guards, tracing and region checks): one per layer
+    writes = [n for n in backend.graphs[index][0].graph.nodes if n.target in CACHE_WRITE]
+    capacities = {str(buffer.meta["example_value"].shape[2]) for n in writes for buffer in n.args[: len(STATE_FIELDS)]}
+    assert len(capacities) == layers, capacities
     # each step's attention reads the buffers' own key/value heads, not a per-step repeated copy of the cache
     # (transformers 5.2 traces repeat_kv for a masked grouped-query call)
     attention = [sdpa_arguments(n) for n in after.graph.nodes if is_call(n, SDPA_TARGETS)]
