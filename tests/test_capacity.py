@@ -152,8 +152,8 @@ def test_decode_graph_writes_in_place():
     assert not [n for n in after.graph.nodes if n.target in CACHE_WRITE or n.target is ops.CACHE_APPEND]
     assert sum(1 for n in after.graph.nodes if n.target is torch.ops.aten.copy_.default) >= 4 * layers
     assert all(site.mask_rebuilt for site in report.sites if site.cache == "mmkv")
-    # a layer's buffers (one per state field) share one length symbol (Dynamo gives each marked-dynamic size its own, and each
-    # symbol costs guards, tracing and region checks): one per layer
+    # a layer's buffers (one per state field) share one length symbol: Dynamo gives each marked-dynamic size its
+    # own, and each symbol costs guards, tracing and region checks
     writes = [n for n in backend.graphs[index][0].graph.nodes if n.target in CACHE_WRITE]
     capacities = {str(buffer.meta["example_value"].shape[2]) for n in writes for buffer in n.args[: len(STATE_FIELDS)]}
     assert len(capacities) == layers, capacities
