@@ -15,10 +15,24 @@ the internal names this route depends on. Where they fail, nothing is adopted an
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
+import types
+import weakref
 from typing import Any
 
 import torch
+
+try:  # Dynamo's recompile regions (torch 2.13); without them a model's calls count where torch.compile says
+    from torch._C._dynamo.eval_frame import (
+        _get_cache_entries_for_region,
+        get_eval_frame_isolate_recompiles_id,
+        set_eval_frame_isolate_recompiles_id,
+    )
+    from torch._dynamo.eval_frame import _next_isolate_recompiles_id, skip_code
+except ImportError:
+    _next_isolate_recompiles_id = None
 
 from mmkv_compile.compat import call_cache, takes_a_cache
 
@@ -56,6 +70,54 @@ def _hook(model) -> None:
     if not _is_hooked(model):
         install_output_hooks(model)
         model.register_forward_pre_hook(give_mmkv_cache, with_kwargs=True)
+        if "forward" not in model.__dict__ and _next_isolate_recompiles_id is not None:
+            model.forward = own_forward(model)
+
+
+def own_forward(model: torch.nn.Module):
+    """The model's forward, bound to it, whose calls Dynamo counts in a recompile region of the model's own.
+
+    Dynamo counts compiles against ``recompile_limit`` (8) per code object, and every transformers model's
+    forward runs through frames all models share (5.24's ``deprecate_kwarg`` decorator; after a graph break, the
+    frames it resumes in). Each model compiled with ``torch.compile(backend="mmkv")`` used to spend two or three
+    of those 8: the fifth model in a process ran uncompiled and uncompressed. Now only a model's first call
+    (before the backend sees it) counts there; its later calls count in a region of its own, as if compiled with
+    ``isolate_recompiles=True`` (``mmkv_compile.compile`` passes it)."""
+
+    def forward(self, *args, **kwargs):
+        # Only C functions and torch's own (which Dynamo never compiles) run here: any other Python function
+        # this frame calls is a frame Dynamo would compile.
+        if get_eval_frame_isolate_recompiles_id() != DEFAULT_REGION:  # the user's torch.compile isolates its own
+            return type(self).forward(self, *args, **kwargs)
+        if self not in _regions:  # a copy.deepcopy of an adopted model
+            _regions[self] = next(_next_isolate_recompiles_id)
+        prior = set_eval_frame_isolate_recompiles_id(_regions[self])
+        try:
+            with torch._dynamo.config.patch(accumulated_recompile_limit=sys.maxsize):
+                return type(self).forward(self, *args, **kwargs)
+        finally:
+            set_eval_frame_isolate_recompiles_id(prior)
+
+    _regions[model] = next(_next_isolate_recompiles_id)
+    functools.update_wrapper(forward, type(model).forward)  # generate reads the forward's signature
+    skip_code(forward.__code__)  # the model's frames below it are compiled; this one only sets the region
+    return types.MethodType(forward, model)
+
+
+DEFAULT_REGION = -1  # Dynamo's region for compiles without isolate_recompiles
+_regions: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model with its own forward -> its region
+
+
+def count_in_own_region() -> None:
+    """Count what Dynamo compiles for the rest of the call being traced in the region of the outermost model
+    on the call stack: a model's first call then spends nothing of the recompile limit that every model's first
+    call shares. Dynamo reads the region when it stores compiled code, after the backend returns, and the
+    ``torch.compile`` wrapper restores its own region when the call returns. Only for a model that
+    :func:`own_forward` gave a region (its later calls look there), and only where the call counts in the
+    default region (a ``torch.compile(..., isolate_recompiles=True)`` keeps its own)."""
+    model = _outer_model() if _regions else None
+    if model in _regions and get_eval_frame_isolate_recompiles_id() == DEFAULT_REGION:
+        set_eval_frame_isolate_recompiles_id(_regions[model])
 
 
 def _model_call(frame_locals: dict) -> tuple[Any, tuple, Any]:
@@ -69,14 +131,19 @@ def _model_call(frame_locals: dict) -> tuple[Any, tuple, Any]:
     return model, args, kwargs
 
 
-def _takes_tokens_without_cache(model, args, kwargs) -> bool:
-    """A model's forward called with tokens and without a cache (so the model will build a DynamicCache)."""
+def _takes_tokens(model, args, kwargs) -> bool:
+    """A model's forward that keeps a cache, called with tokens."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel) or not isinstance(kwargs, dict) or not isinstance(args, tuple):
         return False
     has_tokens = kwargs.get("input_ids") is not None or kwargs.get("inputs_embeds") is not None or bool(args)
-    return takes_a_cache(model) and has_tokens and call_cache(kwargs) is None and kwargs.get("use_cache") is not False
+    return takes_a_cache(model) and has_tokens and kwargs.get("use_cache") is not False
+
+
+def _takes_tokens_without_cache(model, args, kwargs) -> bool:
+    """A model's forward called with tokens and without a cache (so the model will build a DynamicCache)."""
+    return _takes_tokens(model, args, kwargs) and call_cache(kwargs) is None
 
 
 def adopt_traced_call() -> bool:
@@ -120,16 +187,50 @@ def hook_outer_model() -> bool:
     """When a model's graph breaks before its decoder, Dynamo converts an inner frame first and the call is past
     the point where it could get an MMKVCache: hook the outermost model on the call stack, so its later calls
     get one. True when a model was newly hooked."""
-    frame, outer = sys._getframe(1), None
-    while frame is not None:
-        model, args, kwargs = _model_call(frame.f_locals)
-        if _takes_tokens_without_cache(model, args, kwargs):
-            outer = model
-        frame = frame.f_back
+    outer = _outer_model(cache_given=False)
     if outer is None or _is_hooked(outer):
         return False
     _hook(outer)
     return True
+
+
+def shared_frames_spent() -> str | None:
+    """After :func:`hook_outer_model`: a warning when the frames that every model's first call passes through
+    (transformers' decorators, the frames a graph break resumes in) have compiled all but one of Dynamo's
+    ``recompile_limit`` in the default region, where the next model's first call is counted: that call would
+    then run uncompiled, and nothing of mmkv would run to say so."""
+    import transformers
+    from torch._dynamo.convert_frame import input_codes
+
+    if _next_isolate_recompiles_id is None:
+        return None
+    limit, root = torch._dynamo.config.recompile_limit, os.path.dirname(transformers.__file__)
+    codes = [ref() for ref in list(input_codes.seen)]  # every code object Dynamo converted (weak references)
+    spent = {
+        f"{code.co_name} ({os.path.relpath(code.co_filename, root)}:{code.co_firstlineno})"
+        for code in codes
+        if code is not None and code.co_filename.startswith(root)
+        and len(_get_cache_entries_for_region(code, DEFAULT_REGION)) >= limit - 1
+    }  # fmt: skip
+    if not spent:
+        return None
+    return (
+        f"Dynamo's recompile_limit ({limit}) is spent, or nearly, for frames every model's first call passes "
+        f'through ({", ".join(sorted(spent))}): a model compiled after this one with torch.compile(backend="mmkv") '
+        "may run its first calls uncompiled and uncompressed, with no warning from mmkv; compile it with "
+        "mmkv_compile.compile(...), or pass recompile_limit=64, isolate_recompiles=True to torch.compile"
+    )
+
+
+def _outer_model(cache_given: bool = True):
+    """The outermost model on the call stack called with tokens (and, unless ``cache_given``, without a cache)."""
+    frame, outer = sys._getframe(1), None
+    while frame is not None:
+        model, args, kwargs = _model_call(frame.f_locals)
+        if _takes_tokens(model, args, kwargs) and (cache_given or call_cache(kwargs) is None):
+            outer = model
+        frame = frame.f_back
+    return outer
 
 
 NO_CACHE_REASON = (
@@ -149,5 +250,7 @@ __all__ = [
     "adopt_traced_call",
     "give_mmkv_cache",
     "hook_outer_model",
+    "own_forward",
+    "shared_frames_spent",
     "traced_call_keeps_no_cache",
 ]

@@ -23,7 +23,9 @@ from mmkv_compile.adopt import (
     NO_CACHE_REASON,
     RetraceWithMMKVCache,
     adopt_traced_call,
+    count_in_own_region,
     hook_outer_model,
+    shared_frames_spent,
     traced_call_keeps_no_cache,
 )
 from mmkv_compile.config import CompressionConfig
@@ -156,8 +158,11 @@ class MMKVBackend:
                 raise RetraceWithMMKVCache("mmkv gave the call an MMKVCache: its forward is traced again")
             if _reads_a_plain_cache(report) and hook_outer_model():
                 report.warnings = [f"mmkv ({self.config.method.name}): {FIRST_CALL_REASON}"]
+                if spent := shared_frames_spent():
+                    report.warnings.append(f"mmkv ({self.config.method.name}): {spent}")
             elif traced_call_keeps_no_cache():
                 report.warnings.append(f"mmkv ({self.config.method.name}): {NO_CACHE_REASON}")
+            count_in_own_region()
         self.reports.append(report)
         for message in report.warnings:
             self.warner.warn(message, stacklevel=4)

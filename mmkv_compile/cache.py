@@ -40,10 +40,10 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 
 UNCOMPILED_UPDATE = (
     "compressed layer {rank} of this MMKVCache holds what a graph the mmkv backend compiled kept, but this call "
-    "updated it outside such a graph: Dynamo ran the call eagerly (TORCH_LOGS=recompiles says why; models compiled "
-    "one after another share transformers' forward frames, whose recompile_limit is spent after a few: pass "
-    "isolate_recompiles=True to torch.compile, or use mmkv_compile.compile; a long session can also spend "
-    "torch._dynamo.config.accumulated_recompile_limit, which only mmkv_compile.compile lifts for its calls). "
+    "updated it outside such a graph: Dynamo ran the call eagerly (TORCH_LOGS=recompiles says why; a "
+    "torch.compile's recompile_limit may be spent: pass recompile_limit=64, isolate_recompiles=True to "
+    "torch.compile, or use mmkv_compile.compile; a long session can also spend "
+    "torch._dynamo.config.accumulated_recompile_limit). "
     "Uncompiled attention would read the kept slots without the method's masks and merged state"
 )
 

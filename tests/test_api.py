@@ -277,6 +277,76 @@ def test_torch_compile_with_the_mmkv_backend_compresses_plain_calls():
         assert model["decode"] == [model["prompt"] // 4 + 1] * 2 and model["logical"] == model["prompt"] + 1
 
 
+MANY_MODELS = """
+import json, sys, warnings, torch
+from support import build
+import mmkv_compile
+from mmkv_compile.compat import cache_argument, output_cache
+plan = json.loads(sys.argv[1])
+kept = []
+for family, method in plan:
+    tiny, eager = build(family), mmkv_compile.apply_eagerly(build(family).model, method, 0.5)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiny.model(**tiny.inputs)  # an uncompiled run first, as in a notebook
+        compiled = torch.compile(tiny.model, backend="mmkv", options={"method": method, "budget": 0.5, "inductor": False})
+        runs = {}
+        for name, model, calls in (("compiled", compiled, 2 if family == "llava" else 1), ("eager", eager, 1)):
+            for _ in range(calls):  # LLaVA's first compiled call runs uncompressed (its graph breaks first)
+                out = model(**tiny.inputs, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([tiny.inputs["attention_mask"], torch.ones_like(token)], -1)
+            step = model(input_ids=token, attention_mask=mask, use_cache=True, **{cache_argument(tiny.model): output_cache(out)})
+            cache = output_cache(step)
+            runs[name] = [layer.positions[0].tolist() for layer in cache.mmkv_layers] if hasattr(cache, "mmkv_layers") else None
+    kept.append({**runs, "warnings": [str(w.message) for w in caught if "mmkv" in str(w.message)]})
+print(json.dumps(kept))
+"""
+
+
+def test_many_models_through_torch_compile_in_one_process_each_compress():
+    """``torch.compile(model, backend="mmkv")`` with its default arguments on eight models in one process, after
+    uncompiled runs (six text models and two LLaVAs, methods in turn): each compresses its prompt and decode step
+    exactly as the eager reference does. Every transformers forward runs through frames all models share, whose
+    recompile limit (8) used to be spent by the fourth or fifth model: it then ran uncompiled, uncompressed, and
+    nothing said so."""
+    methods = sorted(set(mmkv_compile.methods()) - {"full"})
+    plan = [("llava" if i % 4 == 3 else "llama", methods[i % len(methods)]) for i in range(8)]
+    kept, _ = _run_script(MANY_MODELS, json.dumps(plan))
+    for (family, method), model in zip(plan, kept):
+        assert model["compiled"] is not None, (family, method, model["warnings"])
+        assert model["compiled"] == model["eager"], (family, method)
+        expected = {"first call ran uncompressed"} if family == "llava" else set()
+        assert {w for w in expected if any(w in m for m in model["warnings"])} == expected, model["warnings"]
+        assert all(any(w in m for w in expected | {"recompile_limit"}) for m in model["warnings"]), model["warnings"]
+
+
+@pytest.mark.parametrize("isolate", [False, True], ids=["default-region", "isolate_recompiles"])
+def test_an_adopted_model_reuses_its_compiled_prompt_and_step(isolate):
+    """The backend counts an adopted model's calls in a recompile region of its own unless the user's
+    torch.compile isolates them already: either way the second identical prompt and decode step find the code
+    the first ones compiled (stored where the later calls look) and compile nothing."""
+    from torch._dynamo.utils import counters
+
+    tiny = build("llama")
+    compiled = torch.compile(
+        tiny.model, backend="mmkv", options={"method": "snapkv", "budget": 0.5, "inductor": False},
+        isolate_recompiles=isolate,
+    )  # fmt: skip
+    compiles = []
+    with torch.no_grad():
+        for _ in range(2):
+            before = counters["stats"]["unique_graphs"]
+            out = compiled(**tiny.inputs, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([tiny.inputs["attention_mask"], torch.ones_like(token)], -1)
+            step = compiled(input_ids=token, attention_mask=mask, use_cache=True, **{
+                cache_argument(tiny.model): output_cache(out)})  # fmt: skip
+            compiles.append(counters["stats"]["unique_graphs"] - before)
+            assert output_cache(step).is_compressed()
+    assert compiles[0] >= 2 and compiles[1] == 0, compiles
+
+
 # -- isolation ------------------------------------------------------------------------------------------------
 
 ISOLATION = """
