@@ -194,11 +194,17 @@ def hook_outer_model() -> bool:
     return True
 
 
+# A graph-breaking model's first call compiles up to three entries on one shared frame (measured on LLaVA: the
+# decorator around the outer model's, the inner model's and the language model's forwards).
+FIRST_CALL_ENTRIES = 3
+
+
 def shared_frames_spent() -> str | None:
-    """After :func:`hook_outer_model`: a warning when the frames that every model's first call passes through
-    (transformers' decorators, the frames a graph break resumes in) have compiled all but one of Dynamo's
-    ``recompile_limit`` in the default region, where the next model's first call is counted: that call would
-    then run uncompiled, and nothing of mmkv would run to say so."""
+    """After :func:`hook_outer_model`: a warning when a frame that every model's first call passes through
+    (transformers' decorators, the frames a graph break resumes in) has too little of Dynamo's
+    ``recompile_limit`` left in the default region for another model's first call, which is counted there before
+    the backend sees the model: that model would run every call uncompiled, and nothing of mmkv would run to say
+    so."""
     import transformers
     from torch._dynamo.convert_frame import input_codes
 
@@ -210,15 +216,16 @@ def shared_frames_spent() -> str | None:
         f"{code.co_name} ({os.path.relpath(code.co_filename, root)}:{code.co_firstlineno})"
         for code in codes
         if code is not None and code.co_filename.startswith(root)
-        and len(_get_cache_entries_for_region(code, DEFAULT_REGION)) >= limit - 1
+        and len(_get_cache_entries_for_region(code, DEFAULT_REGION)) + FIRST_CALL_ENTRIES > limit
     }  # fmt: skip
     if not spent:
         return None
     return (
-        f"Dynamo's recompile_limit ({limit}) is spent, or nearly, for frames every model's first call passes "
-        f'through ({", ".join(sorted(spent))}): a model compiled after this one with torch.compile(backend="mmkv") '
-        "may run its first calls uncompiled and uncompressed, with no warning from mmkv; compile it with "
-        "mmkv_compile.compile(...), or pass recompile_limit=64, isolate_recompiles=True to torch.compile"
+        f"Dynamo's recompile_limit ({limit}) is nearly spent for frames every model's first call passes through "
+        f"({', '.join(sorted(spent))}): the next model whose graph breaks before its decoder (a VLM) compiled with "
+        'torch.compile(backend="mmkv") and default arguments will run every call uncompiled and uncompressed, '
+        "with no warning from mmkv; compile it with mmkv_compile.compile(...), or pass recompile_limit=64, "
+        "isolate_recompiles=True to torch.compile"
     )
 
 

@@ -347,6 +347,40 @@ def test_an_adopted_model_reuses_its_compiled_prompt_and_step(isolate):
     assert compiles[0] >= 2 and compiles[1] == 0, compiles
 
 
+DISTINCT_FAMILIES = """
+import json, sys, warnings, torch
+import mmkv_compile
+from mmkv_compile.compat import output_cache
+from mmkv_compile.testing.zoo import FAMILIES
+seen = []
+for name in json.loads(sys.argv[1]):
+    zoo = FAMILIES[name].build("sdpa")
+    compiled = torch.compile(zoo.model, backend="mmkv", options={"method": "snapkv", "budget": 0.5, "inductor": False})
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(**zoo.inputs, use_cache=True)  # its graph breaks before the decoder: uncompressed, and said so
+        cache = output_cache(compiled(**zoo.inputs, use_cache=True))
+    compressed = hasattr(cache, "is_compressed") and cache.is_compressed()
+    seen.append({"family": name, "compressed": compressed, "warnings": [str(w.message) for w in caught]})
+print(json.dumps(seen))
+"""
+
+
+def test_vision_families_through_torch_compile_compress_or_an_earlier_one_said_they_would_not():
+    """Distinct multimodal families through ``torch.compile(backend="mmkv")`` with default arguments: each first
+    call compiles entries on transformers' shared frames in Dynamo's default region before the backend sees the
+    model, so after a few families the next runs uncompiled, where nothing of mmkv runs. No model may stop
+    compressing silently: the family before it warns that the shared frames' recompile limit is nearly spent."""
+    families = ["gemma3", "idefics3", "llava_next", "smolvlm"]
+    seen, _ = _run_script(DISTINCT_FAMILIES, json.dumps(families))
+    assert seen[0]["compressed"], seen[0]
+    for index, model in enumerate(seen):
+        first_call = [w for w in model["warnings"] if "this first call ran uncompressed" in w]
+        assert model["compressed"] == bool(first_call), model  # a model the backend saw is told so, and compresses
+        announced = any("recompile_limit" in w for earlier in seen[:index] for w in earlier["warnings"])
+        assert model["compressed"] or announced, [(m["family"], m["compressed"], m["warnings"]) for m in seen]
+
+
 # -- isolation ------------------------------------------------------------------------------------------------
 
 ISOLATION = """
