@@ -64,14 +64,18 @@ def _is_hooked(model) -> bool:
     return any(hook is give_mmkv_cache for hook in model._forward_pre_hooks.values())
 
 
-def _hook(model) -> None:
+def hook(model) -> bool:
+    """Give ``model``'s later calls an MMKVCache (a forward pre-hook), the output hooks that read its labels,
+    and a forward that counts its compiles in a recompile region of its own; True when it was not hooked yet."""
     from mmkv_compile.api import install_output_hooks
 
-    if not _is_hooked(model):
-        install_output_hooks(model)
-        model.register_forward_pre_hook(give_mmkv_cache, with_kwargs=True)
-        if "forward" not in model.__dict__ and _next_isolate_recompiles_id is not None:
-            model.forward = own_forward(model)
+    if _is_hooked(model):
+        return False
+    install_output_hooks(model)
+    model.register_forward_pre_hook(give_mmkv_cache, with_kwargs=True)
+    if "forward" not in model.__dict__ and _next_isolate_recompiles_id is not None:
+        model.forward = own_forward(model)
+    return True
 
 
 def own_forward(model: torch.nn.Module):
@@ -159,7 +163,7 @@ def adopt_traced_call() -> bool:
     model, args, kwargs = _model_call(tx.f_locals)
     if tx.f_code.co_name.startswith("torch_dynamo_resume") or not _takes_tokens_without_cache(model, args, kwargs):
         return False  # (the rest of a frame a graph break split started without us)
-    _hook(model)
+    hook(model)
     prepare_call(model, args, kwargs)  # in place: the frame is traced again with this dict
     tx.speculation_log.clear()  # the new trace takes another path through the model (it has a cache now)
     return True
@@ -183,24 +187,21 @@ def traced_call_keeps_no_cache() -> bool:
     return isinstance(kwargs, dict) and kwargs.get("use_cache") is False
 
 
-def hook_outer_model() -> bool:
-    """When a model's graph breaks before its decoder, Dynamo converts an inner frame first and the call is past
-    the point where it could get an MMKVCache: hook the outermost model on the call stack, so its later calls
-    get one. True when a model was newly hooked."""
-    outer = _outer_model(cache_given=False)
-    if outer is None or _is_hooked(outer):
-        return False
-    _hook(outer)
-    return True
+def uncached_outer_model():
+    """The outermost model on the call stack called with tokens and without a cache: one whose call is past the
+    point where it could get an MMKVCache (its graph breaks before its decoder, so Dynamo converts an inner
+    frame first), or None."""
+    return _outer_model(cache_given=False)
 
 
-# A graph-breaking model's first call compiles up to three entries on one shared frame (measured on LLaVA: the
-# decorator around the outer model's, the inner model's and the language model's forwards).
+# What a graph-breaking model's first call may compile on one shared frame before its first graph reaches the
+# backend: an entry for each forward the same decorator wraps on the way in (the outer model's, the inner
+# model's, the language model's; LLaVA's first call compiled two on transformers 5.25).
 FIRST_CALL_ENTRIES = 3
 
 
 def shared_frames_spent() -> str | None:
-    """After :func:`hook_outer_model`: a warning when a frame that every model's first call passes through
+    """After a model is newly hooked: a warning when a frame that every model's first call passes through
     (transformers' decorators, the frames a graph break resumes in) has too little of Dynamo's
     ``recompile_limit`` left in the default region for another model's first call, which is counted there before
     the backend sees the model: that model would run every call uncompiled, and nothing of mmkv would run to say
@@ -223,7 +224,7 @@ def shared_frames_spent() -> str | None:
     return (
         f"Dynamo's recompile_limit ({limit}) is nearly spent for frames every model's first call passes through "
         f"({', '.join(sorted(spent))}): the next model whose graph breaks before its decoder (a VLM) compiled with "
-        'torch.compile(backend="mmkv") and default arguments will run every call uncompiled and uncompressed, '
+        'torch.compile(backend="mmkv") and default arguments may run every call uncompiled and uncompressed, '
         "with no warning from mmkv; compile it with mmkv_compile.compile(...), or pass recompile_limit=64, "
         "isolate_recompiles=True to torch.compile"
     )
@@ -256,8 +257,9 @@ __all__ = [
     "RetraceWithMMKVCache",
     "adopt_traced_call",
     "give_mmkv_cache",
-    "hook_outer_model",
+    "hook",
     "own_forward",
     "shared_frames_spent",
     "traced_call_keeps_no_cache",
+    "uncached_outer_model",
 ]

@@ -24,9 +24,10 @@ from mmkv_compile.adopt import (
     RetraceWithMMKVCache,
     adopt_traced_call,
     count_in_own_region,
-    hook_outer_model,
+    hook,
     shared_frames_spent,
     traced_call_keeps_no_cache,
+    uncached_outer_model,
 )
 from mmkv_compile.config import CompressionConfig
 from mmkv_compile.passes.causal_attention import CausalPrefillAttention
@@ -156,12 +157,14 @@ class MMKVBackend:
         if self.adopt_calls:
             if adopt_traced_call():
                 raise RetraceWithMMKVCache("mmkv gave the call an MMKVCache: its forward is traced again")
-            if _reads_a_plain_cache(report) and hook_outer_model():
+            outer = uncached_outer_model()
+            newly_hooked = outer is not None and hook(outer)  # at its first graph, a vision tower's maybe
+            if outer is not None and _reads_a_plain_cache(report):
                 report.warnings = [f"mmkv ({self.config.method.name}): {FIRST_CALL_REASON}"]
-                if spent := shared_frames_spent():
-                    report.warnings.append(f"mmkv ({self.config.method.name}): {spent}")
             elif traced_call_keeps_no_cache():
                 report.warnings.append(f"mmkv ({self.config.method.name}): {NO_CACHE_REASON}")
+            if newly_hooked and (spent := shared_frames_spent()):
+                report.warnings.append(f"mmkv ({self.config.method.name}): {spent}")
             count_in_own_region()
         self.reports.append(report)
         for message in report.warnings:

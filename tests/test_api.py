@@ -371,7 +371,7 @@ def test_vision_families_through_torch_compile_compress_or_an_earlier_one_said_t
     call compiles entries on transformers' shared frames in Dynamo's default region before the backend sees the
     model, so after a few families the next runs uncompiled, where nothing of mmkv runs. No model may stop
     compressing silently: the family before it warns that the shared frames' recompile limit is nearly spent."""
-    families = ["gemma3", "idefics3", "llava_next", "smolvlm"]
+    families = ["gemma3", "idefics3", "llava_next", "smolvlm", "internvl"]
     seen, _ = _run_script(DISTINCT_FAMILIES, json.dumps(families))
     assert seen[0]["compressed"], seen[0]
     for index, model in enumerate(seen):
