@@ -109,19 +109,19 @@ OPTIONS = {
 @pytest.mark.parametrize("name", ["llama", "llava", "qwen2_vl"])
 @pytest.mark.parametrize("method", COMPRESSING)
 def test_compiled_model_keeps_its_budget_and_equals_the_eager_reference(name, method):
-    """The compiled model: after the prompt, at most the budget's share of the prompt per row over its compressed
-    layers together (plus memory slots), counted in the slots it stores; and over 6 greedy steps the same tokens,
-    logits and kept slots as the eagerly called operator."""
+    """The compiled model, over 6 greedy steps: the same tokens, logits and kept slots as the eagerly called
+    operator, and at most the budget's share of the prompt plus the new tokens per row over its compressed layers
+    together (plus memory slots), counted in the slots it stores. (One generate compiles the prompt and the step;
+    a direct call first would compile the prompt twice, its keyword arguments differing from generate's.)"""
     budget, options = 0.3, OPTIONS.get(method, {})
     tiny = build(name)
     compiled = mmkv_compile.compile(build(name).model, method, budget, inductor=False, **options)
-    with torch.no_grad():
-        cache = output_cache(compiled(**tiny.inputs, use_cache=True))
+    tokens, logits, cache = generate(compiled, tiny.inputs, 6)
     prompt = tiny.inputs["input_ids"].shape[1]
+    new = cache.get_seq_length() - prompt
     memory = 2 if method == "retentivekv" else 0
     stored = sum(layer.get_physical_length() - memory for layer in cache.mmkv_layers)
-    assert 1 <= stored <= len(cache.mmkv_layers) * math.floor(budget * prompt)
-    tokens, logits, cache = generate(compiled, tiny.inputs, 6)
+    assert new > 0 and 1 <= stored <= len(cache.mmkv_layers) * (math.floor(budget * prompt) + new)
     ref_tokens, ref_logits, ref_cache = generate(
         mmkv_compile.apply_eagerly(build(name).model, method, budget, **options), tiny.inputs, 6
     )
